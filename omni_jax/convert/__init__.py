@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint directories <-> (omni_jax config, params)."""

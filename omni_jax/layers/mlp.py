@@ -1,0 +1,65 @@
+"""Feed-forward blocks: SwiGLU (Qwen2) and two-layer GELU MLP (SigLIP, Whisper)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omni_jax.layers.common import constrain, logical_init
+
+_ACTS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    """Activation by Hugging Face name; ValueError for unknown names."""
+    if name not in _ACTS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTS)}")
+    return _ACTS[name]
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases."""
+
+    hidden: int
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed]
+        init = nn.initializers.normal(self.init_std)
+        dense = lambda n, names, name: nn.Dense(  # noqa: E731
+            n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=logical_init(init, names), name=name)
+        gate = dense(self.hidden, ("embed", "mlp"), "gate")(x)
+        up = dense(self.hidden, ("embed", "mlp"), "up")(x)
+        h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
+        return dense(x.shape[-1], ("mlp", "embed"), "down")(h)
+
+
+class GeluMLP(nn.Module):
+    """fc2(act(fc1(x))) with biases (SigLIP / Whisper style)."""
+
+    hidden: int
+    act: str = "gelu"
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(self.init_std)
+        h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=logical_init(init, ("embed", "mlp")),
+                     bias_init=logical_init(nn.initializers.zeros, ("mlp",)), name="fc1")(x)
+        h = constrain(activation(self.act)(h), ("act_batch", "act_len", "act_mlp"))
+        return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=logical_init(init, ("mlp", "embed")),
+                        bias_init=logical_init(nn.initializers.zeros, ("embed",)), name="fc2")(h)

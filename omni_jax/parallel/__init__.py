@@ -1,0 +1,1 @@
+"""Device meshes and logical-axis -> mesh-axis rules."""

@@ -1,0 +1,45 @@
+"""omni_jax: omni-modal language models in JAX/Flax (text, image, video, audio in; text and speech out)."""
+
+from setuptools import find_packages, setup
+
+# Bounds are the versions this project is tested with (see README); the upper bounds guard
+# against API breaks we have not checked (jax 0.11, flax 0.13, transformers 6, ...).
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "tensorflow-datasets>=4.9.10,<5",
+    "importlib_resources>=6",
+    "einops>=0.8,<0.9",
+    "sentencepiece>=0.2,<0.3",
+    "librosa>=0.11,<0.12",
+    "soundfile>=0.12",
+    "ml_collections>=1.1,<2",
+    "safetensors>=0.4",
+    "numpy>=2.0,<3",
+    "tensorboardX>=2.6",
+    "tqdm>=4.60",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8",
+    "pytest-xdist>=3.5",
+    "torch==2.13.0",  # the CPU wheel on this project's machines; used only as the parity reference
+    "transformers>=5.23,<6",
+    "tokenizers>=0.22",
+    "scikit-learn>=1.5",
+    "ruff>=0.6",
+]
+
+setup(
+    name="omni_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["omni_jax", "omni_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+)
