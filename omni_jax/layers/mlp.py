@@ -45,13 +45,15 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """fc2(act(fc1(x))) with biases (SigLIP / Whisper style)."""
+    """fc2(act(fc1(x))) with biases (SigLIP / Whisper style); out_features defaults to the input
+    width (projectors set it to map C -> D)."""
 
     hidden: int
     act: str = "gelu"
     init_std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    out_features: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,6 +62,7 @@ class GeluMLP(nn.Module):
                      kernel_init=logical_init(init, ("embed", "mlp")),
                      bias_init=logical_init(nn.initializers.zeros, ("mlp",)), name="fc1")(x)
         h = constrain(activation(self.act)(h), ("act_batch", "act_len", "act_mlp"))
-        return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+        out = x.shape[-1] if self.out_features is None else self.out_features
+        return nn.Dense(out, dtype=self.dtype, param_dtype=self.param_dtype,
                         kernel_init=logical_init(init, ("mlp", "embed")),
                         bias_init=logical_init(nn.initializers.zeros, ("embed",)), name="fc2")(h)
