@@ -65,7 +65,8 @@ class Attention(nn.Module):
         hd = "heads" if name == "q" else "kv_heads"
         return nn.DenseGeneral(
             (heads, self.head_dim), use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=logical_init(nn.initializers.normal(self.init_std), ("embed", hd, "head_dim")),
+            kernel_init=logical_init(nn.initializers.normal(self.init_std),
+                                     ("embed", hd, "head_dim")),
             bias_init=logical_init(nn.initializers.zeros, (hd, "head_dim")), name=name)
 
     @nn.compact

@@ -94,7 +94,8 @@ class Decoder(nn.Module):
                  compute_logits: bool = True) -> dict[str, Any]:
         """input_ids [batch, seq] or inputs_embeds [batch, seq, embed].
 
-        segment_ids [batch, seq]: 0 marks padding, equal non-zero ids attend to each other (packing).
+        segment_ids [batch, seq]: 0 marks padding; equal non-zero ids attend to each other
+        (packing).
         positions default to 0..seq-1 (offset by the cache index when decoding with a cache).
         cache: from `omni_jax.layers.attention.init_cache`; written at cache["index"].
         """

@@ -1,0 +1,112 @@
+"""Checkpoint kinds (qwen2, siglip_vision, whisper_encoder): detection, import, export, native IO.
+
+The native format is a directory with `omni_jax.json` ({"kind", "config", "hf_config"}) and an
+orbax `params/` checkpoint. `hf_config` keeps the original config.json so an export restores
+fields we do not model (token ids, names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from omni_jax.convert import io
+
+# kind -> (module, import fn, export fn, config class path)
+KINDS: dict[str, tuple[str, str, str, str]] = {
+    "qwen2": ("omni_jax.convert.qwen2", "import_qwen2", "export_qwen2",
+              "omni_jax.llm.config:LLMConfig"),
+    "siglip_vision": ("omni_jax.convert.siglip", "import_siglip_vision", "export_siglip_vision",
+                      "omni_jax.encoders.vision:SiglipVisionConfig"),
+    "whisper_encoder": ("omni_jax.convert.whisper", "import_whisper_encoder",
+                        "export_whisper_encoder", "omni_jax.encoders.audio:WhisperEncoderConfig"),
+}
+NATIVE_META = "omni_jax.json"
+
+
+def detect_kind(hf_config: dict[str, Any]) -> str:
+    """Which converter handles a config.json; ValueError for unsupported models."""
+    model_type = hf_config.get("model_type")
+    arch = hf_config.get("architectures") or []
+    if model_type == "qwen2":
+        return "qwen2"
+    if model_type in ("siglip", "siglip_vision_model"):
+        return "siglip_vision"
+    if model_type == "whisper":
+        return "whisper_encoder"
+    raise ValueError(f"unsupported checkpoint: model_type={model_type!r} architectures={arch}; "
+                     f"supported: qwen2, siglip / siglip_vision_model, whisper")
+
+
+def _fn(kind: str, which: int):
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {sorted(KINDS)}")
+    return getattr(importlib.import_module(KINDS[kind][0]), KINDS[kind][which])
+
+
+def _config_cls(kind: str):
+    mod, cls = KINDS[kind][3].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def import_hf(path: str, **overrides: Any) -> tuple[str, Any, dict[str, Any], dict[str, Any]]:
+    """HF directory -> (kind, config, {"params": ...}, original config.json)."""
+    hf_config = io.read_config(path)
+    kind = detect_kind(hf_config)
+    config, params = _fn(kind, 1)(path, **overrides)
+    return kind, config, params, hf_config
+
+
+def export_hf(kind: str, config: Any, params: dict[str, Any], out_dir: str,
+              hf_config: dict[str, Any] | None = None) -> None:
+    """Write a directory transformers loads (see each kind's export function)."""
+    fn = _fn(kind, 2)
+    if kind == "qwen2":
+        fn(config, params, out_dir, base_config=hf_config)
+    else:
+        fn(config, params, out_dir)
+
+
+def save_native(out_dir: str, kind: str, config: Any, params: dict[str, Any],
+                hf_config: dict[str, Any] | None = None) -> None:
+    """Write (kind, config, params) as omni_jax's native checkpoint directory."""
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"kind": kind, "config": dataclasses.asdict(config), "hf_config": hf_config}
+    params_np = _to_numpy(params)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(out_dir, "params"), params_np, force=True)
+    with open(os.path.join(out_dir, NATIVE_META), "w") as f:  # last: marks the dir complete
+        json.dump(meta, f, indent=2)
+
+
+def load_native(path: str) -> tuple[str, Any, dict[str, Any], dict[str, Any] | None]:
+    """Read a native checkpoint directory -> (kind, config, params, hf_config)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    meta_file = os.path.join(path, NATIVE_META)
+    if not os.path.isfile(meta_file):
+        raise ValueError(f"{path!r} is not an omni_jax checkpoint: no {NATIVE_META}")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    kind = meta.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"{meta_file}: unknown kind {kind!r}; expected one of {sorted(KINDS)}")
+    config = _config_cls(kind).from_dict(meta["config"])
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(os.path.join(path, "params"))
+    return kind, config, _to_numpy(params), meta.get("hf_config")
+
+
+def _to_numpy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)
