@@ -1,0 +1,1 @@
+"""Modality encoders: SigLIP-style vision (encoders.vision) and Whisper-style audio."""

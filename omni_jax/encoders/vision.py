@@ -1,0 +1,198 @@
+"""SigLIP-style ViT: patch conv + learned position grid (interpolated to any patch grid) +
+pre-LN transformer blocks; returns the patch features of a chosen layer."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omni_jax.layers.attention import Attention
+from omni_jax.layers.common import constrain, logical_init, parse_dtype
+from omni_jax.layers.interpolate import METHODS, resize_2d
+from omni_jax.layers.mlp import GeluMLP, activation
+from omni_jax.layers.norms import LayerNorm
+
+_ACT = ("act_batch", "act_len", "act_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipVisionConfig:
+    """SigLIP vision tower hyper-parameters (names follow transformers' SiglipVisionConfig,
+    plus which layer to return and how to resize the position grid)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_channels: int = 3
+    image_size: int = 32  # native (pre-training) resolution; the position table covers its grid
+    patch_size: int = 8
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    # Index into HF's hidden_states tuple (0 = embeddings, i = output of layer i; negative counts
+    # from the end: -1 = last layer, -2 = the one before, as OpenOmni/LLaVA use).
+    select_layer: int = -1
+    use_post_layernorm: bool = True  # HF SiglipVisionModel.last_hidden_state applies it
+    pos_interp: str = "bicubic"  # HF interpolate_pos_encoding; Ola resizes bilinearly
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_channels", "image_size", "patch_size", "layer_norm_eps",
+                     "initializer_range"):
+            v = getattr(self, name)
+            if v is None or v <= 0:
+                raise ValueError(f"SiglipVisionConfig.{name} must be positive, got {v!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"SiglipVisionConfig: hidden_size={self.hidden_size} is not divisible "
+                             f"by num_heads={self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"SiglipVisionConfig: image_size={self.image_size} is not divisible "
+                             f"by patch_size={self.patch_size}")
+        n = self.num_layers
+        if not -(n + 1) <= self.select_layer <= n:
+            raise ValueError(f"SiglipVisionConfig: select_layer={self.select_layer} out of range "
+                             f"[{-(n + 1)}, {n}] for num_layers={n} (0 = embeddings, -1 = last)")
+        if self.pos_interp not in METHODS:
+            raise ValueError(f"SiglipVisionConfig: unknown pos_interp {self.pos_interp!r}; "
+                             f"expected one of {METHODS}")
+        activation(self.hidden_act)
+        parse_dtype(self.dtype)
+        parse_dtype(self.param_dtype)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SiglipVisionConfig:
+        """Build from a dict / ConfigDict; unknown keys are an error (typos must not pass)."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"SiglipVisionConfig: unknown keys {unknown}; expected a subset of "
+                             f"{sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw: Any) -> SiglipVisionConfig:
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def native_grid(self) -> int:
+        """Side of the square patch grid the position table was trained on."""
+        return self.image_size // self.patch_size
+
+    @property
+    def layers_run(self) -> int:
+        """How many blocks the forward pass runs to reach `select_layer`."""
+        return self.select_layer % (self.num_layers + 1)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (rows, cols) of a height x width image; the encoder returns rows * cols
+        tokens in row-major order. ValueError if a side is not a positive multiple of patch."""
+        p = self.patch_size
+        if height <= 0 or width <= 0 or height % p or width % p:
+            raise ValueError(f"image size {height}x{width} must be positive multiples of "
+                             f"patch_size={p}")
+        return height // p, width // p
+
+    def num_patches(self, height: int, width: int) -> int:
+        gh, gw = self.grid(height, width)
+        return gh * gw
+
+
+class SiglipBlock(nn.Module):
+    """x + attn(ln1(x)); x + mlp(ln2(x)) with biased projections and no mask or rope."""
+
+    config: SiglipVisionConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [batch, patches, embed]
+        c = self.config
+        dt, pdt = parse_dtype(c.dtype), parse_dtype(c.param_dtype)
+        h = LayerNorm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="attn_norm")(x)
+        h, _ = Attention(c.num_heads, c.num_heads, c.head_dim, q_bias=True, k_bias=True,
+                         v_bias=True, o_bias=True, init_std=c.initializer_range, dtype=dt,
+                         param_dtype=pdt, name="attn")(h)
+        x = constrain(x + h, _ACT)
+        h = LayerNorm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="mlp_norm")(x)
+        h = GeluMLP(c.intermediate_size, c.hidden_act, c.initializer_range, dt, pdt,
+                    name="mlp")(h)
+        return constrain(x + h, _ACT)
+
+
+class SiglipVisionEncoder(nn.Module):
+    """pixel_values [batch, height, width, channels] -> features [batch, rows * cols, hidden]
+    (rows, cols = config.grid(height, width), row-major) from layer `config.select_layer`."""
+
+    config: SiglipVisionConfig
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Same as config.grid: the patch grid behind the returned token sequence."""
+        return self.config.grid(height, width)
+
+    def _check(self, pixel_values: jax.Array) -> tuple[int, int]:
+        c = self.config
+        shape = tuple(pixel_values.shape)
+        if len(shape) != 4:
+            raise ValueError(f"SiglipVisionEncoder: pixel_values must be [batch, height, width, "
+                             f"{c.num_channels}] (NHWC), got rank {len(shape)} shape {shape}")
+        if shape[-1] != c.num_channels:
+            hint = " (looks like NCHW; transpose to NHWC)" if shape[1] == c.num_channels else ""
+            raise ValueError(f"SiglipVisionEncoder: pixel_values must have {c.num_channels} "
+                             f"channels last, got shape {shape}{hint}")
+        if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
+            raise ValueError(f"SiglipVisionEncoder: pixel_values must be float (normalized "
+                             f"pixels), got dtype {pixel_values.dtype}")
+        return c.grid(shape[1], shape[2])
+
+    def _positions(self, table: jax.Array, rows: int, cols: int) -> jax.Array:
+        """Learned [native^2, embed] table -> [rows * cols, embed], resized as torch does."""
+        g = self.config.native_grid
+        if (rows, cols) == (g, g):
+            return table
+        grid = table.reshape(1, g, g, -1)  # [1, g, g, embed]
+        out = resize_2d(grid.astype(jnp.float32), (rows, cols), self.config.pos_interp)
+        return out.reshape(rows * cols, -1).astype(table.dtype)
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        rows, cols = self._check(pixel_values)
+        c = self.config
+        dt, pdt = parse_dtype(c.dtype), parse_dtype(c.param_dtype)
+        init = nn.initializers.normal(c.initializer_range)
+        x = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size,) * 2,
+                    padding="VALID", dtype=dt, param_dtype=pdt,
+                    kernel_init=logical_init(init, ("conv", "conv", "conv", "embed")),
+                    bias_init=logical_init(nn.initializers.zeros, ("embed",)),
+                    name="patch_embed")(pixel_values.astype(dt))  # [batch, rows, cols, embed]
+        x = x.reshape(x.shape[0], rows * cols, c.hidden_size)  # [batch, patches, embed]
+        table = self.param("pos_embed", logical_init(init, ("pos", "embed")),
+                           (c.native_grid ** 2, c.hidden_size), pdt)
+        x = constrain(x + self._positions(table, rows, cols).astype(dt)[None], _ACT)
+        # At init every block (and the post-norm) is built so the tree always matches the full
+        # checkpoint; at apply, blocks after the selected one are skipped.
+        out = x
+        for i in range(c.num_layers):
+            if i >= c.layers_run and not self.is_initializing():
+                break
+            x = SiglipBlock(c, name=f"layers_{i}")(x)
+            if i + 1 == c.layers_run:
+                out = x
+        post = LayerNorm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="post_norm")
+        if c.use_post_layernorm:
+            out = post(out)
+        elif self.is_initializing():
+            post(out)
+        return constrain(out, _ACT)
