@@ -1,0 +1,1 @@
+"""Data: tokenizer, chat template, media features, sources and the grain pipeline."""
