@@ -1,0 +1,1 @@
+"""Inference: KV-cache generation with greedy / temperature / top-k / top-p sampling."""
