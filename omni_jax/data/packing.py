@@ -1,0 +1,170 @@
+"""Examples -> static-shape batches: next-token shifting, bucketed padding, first-fit packing.
+
+An *encoded* example (the output of an `encode_fn`) is a dict of 1-D integer arrays of one
+length n: "input_ids", "loss_mask" (1 where that token is a label to predict, e.g. assistant
+tokens) and optional extra per-token arrays (e.g. modality / item ids). `shift_example` turns it
+into a *training* example of length n-1: input_ids = ids[:-1], targets = ids[1:],
+loss_mask = loss_mask[1:], extras = extras[:-1]. Targets are made per example, so no target
+ever crosses an example boundary, whatever is packed next to it.
+
+A *batch* is a dict of int32 arrays [batch, seq]: input_ids, targets, loss_mask, segment_ids
+(0 = padding, 1..k = the k examples of a row, in order), positions (0.. per example, 0 on
+padding), plus the extra per-token keys. Padding is pad_id in input_ids, pad_values[key] for
+keys named there (e.g. {"item_index": -1}) and 0 elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+REQUIRED_KEYS = ("input_ids", "loss_mask")
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def shift_example(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Encoded example [n] -> training example [n-1] with targets (see module docstring)."""
+    missing = [k for k in REQUIRED_KEYS if k not in example]
+    if missing:
+        raise ValueError(f"shift_example: encode_fn output lacks {missing}; got keys "
+                         f"{sorted(example)}")
+    arrays = {k: np.asarray(v) for k, v in example.items()}
+    n = arrays["input_ids"].shape
+    for k, v in arrays.items():
+        integral = np.issubdtype(v.dtype, np.integer) or v.dtype == np.bool_
+        if v.ndim != 1 or v.shape != n or not integral:
+            raise ValueError(f"shift_example: {k!r} must be a 1-D integer array of the same "
+                             f"length as input_ids {n}, got shape {v.shape} dtype {v.dtype}")
+    if n[0] < 2:
+        raise ValueError(f"shift_example: an example needs at least 2 tokens, got {n[0]}")
+    ids = arrays.pop("input_ids").astype(np.int32)
+    mask = arrays.pop("loss_mask").astype(np.int32)
+    out = {"input_ids": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+    out.update({k: v[:-1].astype(np.int32) for k, v in arrays.items()})
+    return out
+
+
+def example_length(example: Mapping[str, np.ndarray]) -> int:
+    return int(example["input_ids"].shape[0])
+
+
+def _empty_batch(keys: Sequence[str], batch_size: int, seq_len: int, pad_id: int,
+                 pad_values: Mapping[str, int] | None):
+    fill = {**(pad_values or {}), "input_ids": pad_id}
+    return {k: np.full((batch_size, seq_len), fill.get(k, 0), np.int32) for k in keys}
+
+
+def _batch_keys(examples: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+    keys = list(examples[0]) if examples else ["input_ids", "targets", "loss_mask"]
+    for ex in examples[1:]:
+        if sorted(ex) != sorted(keys):
+            raise ValueError(f"examples disagree on keys: {sorted(keys)} vs {sorted(ex)}")
+    return keys + ["segment_ids", "positions"]
+
+
+def choose_bucket(length: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= length (buckets ascending)."""
+    for b in buckets:
+        if length <= b:
+            return int(b)
+    raise ValueError(f"choose_bucket: length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int,
+              buckets: Sequence[int], pad_id: int = 0,
+              pad_values: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """One example per row, padded to the smallest bucket fitting the longest example.
+
+    Rows beyond len(examples) are all padding (segment_ids 0), so the shape stays static.
+    """
+    if not 0 < len(examples) <= batch_size:
+        raise ValueError(f"pad_batch: expected 1..{batch_size} examples, got {len(examples)}")
+    seq = choose_bucket(max(example_length(e) for e in examples), buckets)
+    keys = _batch_keys(examples)
+    out = _empty_batch(keys, batch_size, seq, pad_id, pad_values)
+    for r, ex in enumerate(examples):
+        n = example_length(ex)
+        for k, v in ex.items():
+            out[k][r, :n] = v
+        out["segment_ids"][r, :n] = 1
+        out["positions"][r, :n] = np.arange(n, dtype=np.int32)
+    return out
+
+
+class FirstFitPacker:
+    """Packs examples into [batch_size, seq_len] rows, each into the first row with room.
+
+    `add` returns False when the example fits in no row (the caller then emits the batch
+    and starts a new one with it). Examples longer than seq_len are rejected with ValueError.
+    """
+
+    def __init__(self, batch_size: int, seq_len: int, pad_id: int = 0,
+                 pad_values: Mapping[str, int] | None = None) -> None:
+        if batch_size <= 0 or seq_len <= 0:
+            raise ValueError(f"FirstFitPacker: batch_size and seq_len must be positive, got "
+                             f"{batch_size}, {seq_len}")
+        self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
+        self.pad_values = dict(pad_values or {})
+        self.reset()
+
+    def reset(self) -> None:
+        self._rows: list[list[Mapping[str, np.ndarray]]] = [[] for _ in range(self.batch_size)]
+        self._used = [0] * self.batch_size
+        self.num_examples = 0
+
+    @property
+    def empty(self) -> bool:
+        return self.num_examples == 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self._used)
+
+    def add(self, example: Mapping[str, np.ndarray]) -> bool:
+        n = example_length(example)
+        if n > self.seq_len:
+            raise ValueError(f"FirstFitPacker: example of length {n} exceeds seq_len "
+                             f"{self.seq_len}")
+        for r in range(self.batch_size):
+            if self._used[r] + n <= self.seq_len:
+                self._rows[r].append(example)
+                self._used[r] += n
+                self.num_examples += 1
+                return True
+        return False
+
+    def emit(self) -> dict[str, np.ndarray]:
+        """The packed batch (static shape), then reset."""
+        first = next((row[0] for row in self._rows if row), None)
+        keys = _batch_keys([first] if first is not None else [])
+        out = _empty_batch(keys, self.batch_size, self.seq_len, self.pad_id, self.pad_values)
+        for r, row in enumerate(self._rows):
+            start = 0
+            for seg, ex in enumerate(row, start=1):
+                n = example_length(ex)
+                if sorted(ex) != sorted(keys[:-2]):
+                    raise ValueError(f"FirstFitPacker: examples disagree on keys: "
+                                     f"{sorted(keys[:-2])} vs {sorted(ex)}")
+                for k, v in ex.items():
+                    out[k][r, start:start + n] = v
+                out["segment_ids"][r, start:start + n] = seg
+                out["positions"][r, start:start + n] = np.arange(n, dtype=np.int32)
+                start += n
+        self.reset()
+        return out
+
+
+def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int, seq_len: int,
+                  pad_id: int = 0, pad_values: Mapping[str, int] | None = None
+                  ) -> list[dict[str, np.ndarray]]:
+    """Pack a list of training examples into as many [batch_size, seq_len] batches as needed."""
+    packer = FirstFitPacker(batch_size, seq_len, pad_id, pad_values)
+    batches = []
+    for ex in examples:
+        if not packer.add(ex):
+            batches.append(packer.emit())
+            packer.add(ex)
+    if not packer.empty:
+        batches.append(packer.emit())
+    return batches
