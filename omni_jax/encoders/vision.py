@@ -30,7 +30,9 @@ class SiglipVisionConfig:
     num_layers: int = 2
     num_heads: int = 4
     num_channels: int = 3
-    image_size: int = 32  # native (pre-training) resolution; the position table covers its grid
+    # native (pre-training) resolution; the position table covers its (image_size // patch)^2
+    # grid. It need not be a multiple of patch_size (so400m: 384 / 14): the conv drops the rest.
+    image_size: int = 32
     patch_size: int = 8
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
@@ -53,9 +55,9 @@ class SiglipVisionConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"SiglipVisionConfig: hidden_size={self.hidden_size} is not divisible "
                              f"by num_heads={self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"SiglipVisionConfig: image_size={self.image_size} is not divisible "
-                             f"by patch_size={self.patch_size}")
+        if self.image_size < self.patch_size:  # not nec. divisible: so400m is 384 / patch 14
+            raise ValueError(f"SiglipVisionConfig: image_size={self.image_size} is smaller than "
+                             f"patch_size={self.patch_size}")
         n = self.num_layers
         if not -(n + 1) <= self.select_layer <= n:
             raise ValueError(f"SiglipVisionConfig: select_layer={self.select_layer} out of range "
@@ -100,11 +102,12 @@ class SiglipVisionConfig:
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid (rows, cols) of a height x width image; the encoder returns rows * cols
-        tokens in row-major order. ValueError if a side is not a positive multiple of patch."""
-        p = self.patch_size
-        if height <= 0 or width <= 0 or height % p or width % p:
+        tokens in row-major order. Each side must be a positive multiple of patch_size or equal
+        image_size (whose remainder pixels the patch conv drops, as in pre-training)."""
+        p, n = self.patch_size, self.image_size
+        if not all(s > 0 and (s % p == 0 or s == n) for s in (height, width)):
             raise ValueError(f"image size {height}x{width} must be positive multiples of "
-                             f"patch_size={p}")
+                             f"patch_size={p} (or the native image_size={n})")
         return height // p, width // p
 
     def num_patches(self, height: int, width: int) -> int:
