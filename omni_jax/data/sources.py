@@ -208,9 +208,9 @@ def _builder_cls():
             del dl_manager
             if self._splits is None:
                 raise ValueError("JsonlRecords: no records given to prepare")
-            return {name: self._generate(recs) for name, recs in self._splits.items()}
+            return {name: self._generate_examples(recs) for name, recs in self._splits.items()}
 
-        def _generate(self, records):
+        def _generate_examples(self, records):
             for i, rec in enumerate(records):
                 blobs: list[bytes] = []
 
