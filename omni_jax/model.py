@@ -1,0 +1,169 @@
+"""OmniModel: encode media, scatter the embeddings into placeholder positions, run the LLM.
+
+Batch (all static shapes, jit-friendly):
+  input_ids [batch, seq] int, modality [batch, seq] int (0 text, 1 image, 2 video, 3 audio;
+  data.template's codes), optional segment_ids / positions [batch, seq];
+  image [n_img, H, W, 3] float (SigLIP-normalized), video [n_vid, frames, H, W, 3],
+  audio [n_aud, n_mels, mel_frames] (Whisper log-mel).
+Placeholders of a modality are filled in order: the k-th placeholder position of the batch
+(row-major) takes row k of that modality's [n_items * tokens_per_item, D] embeddings, so media
+arrays list items in the order they appear. Unused trailing items (padding) are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omni_jax.llm.decoder import Decoder
+from omni_jax.omni_config import (
+    MODALITIES,
+    MODALITY_CODE,
+    OmniConfig,
+    adapter_classes,
+    encoder_classes,
+)
+
+
+def _adapter(config: OmniConfig, modality: str, name: str | None = None) -> nn.Module:
+    t = getattr(config, modality)
+    _, cls, _ = adapter_classes(t.adapter)
+    return cls(t.adapter_config, name=name) if name else cls(t.adapter_config)
+
+
+def tokens_per_item(config: OmniConfig, modality: str) -> int:
+    """Embeddings one media item of `modality` becomes (the placeholder count to expand to)."""
+    t = getattr(config, modality)
+    if t is None:
+        raise ValueError(f"this model has no {modality} tower")
+    adapter = _adapter(config, modality)
+    if modality == "audio":
+        return adapter.num_tokens(t.num_frames // 2)  # Whisper halves the mel frames
+    grid = config.encoder_config(modality).grid(*t.image_size)
+    if modality == "image":
+        return adapter.num_tokens(*grid)
+    if hasattr(adapter, "video_num_tokens"):
+        return adapter.video_num_tokens(t.num_frames, *grid)
+    return t.num_frames * adapter.num_tokens(*grid)
+
+
+def check_batch(config: OmniConfig, batch: Mapping[str, Any]) -> None:
+    """Host-side validation before compute: shapes, media present, placeholder counts."""
+    ids = np.asarray(batch["input_ids"])
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+    if ids.shape[1] > config.llm.max_position_embeddings:
+        raise ValueError(f"sequence length {ids.shape[1]} exceeds the model's maximum "
+                         f"{config.llm.max_position_embeddings}")
+    modality = batch.get("modality")
+    if modality is not None and np.shape(modality) != ids.shape:
+        raise ValueError(f"modality must match input_ids {ids.shape}, got {np.shape(modality)}")
+    for m in MODALITIES:
+        count = 0 if modality is None else int(np.sum(np.asarray(modality) == MODALITY_CODE[m]))
+        items = batch.get(m)
+        if count and items is None:
+            raise ValueError(f"batch has {count} {m} placeholder positions but no {m} array")
+        if items is None:
+            continue
+        if getattr(config, m) is None:
+            raise ValueError(f"batch has {m} inputs but the model has no {m} tower")
+        per = tokens_per_item(config, m)
+        n = np.shape(items)[0]
+        if count % per or count > n * per:
+            raise ValueError(f"batch has {count} {m} placeholder positions, which is not a whole "
+                             f"number of items of {per} tokens within the {n} {m} items given")
+
+
+class OmniModel(nn.Module):
+    """LLM + per-modality encoder/adapter towers (+ optional X-VILA visual highway)."""
+
+    config: OmniConfig
+
+    def setup(self) -> None:
+        c = self.config
+        self.llm = Decoder(c.llm, name="llm")
+        for m in MODALITIES:
+            t = getattr(c, m)
+            if t is not None and t.shared_with is None:
+                _, enc_cls = encoder_classes(t.encoder)
+                setattr(self, f"{m}_encoder", enc_cls(t.encoder_config, name=f"{m}_encoder"))
+            if t is not None:
+                setattr(self, f"{m}_adapter", _adapter(c, m, f"{m}_adapter"))
+        if c.highway is not None:
+            from omni_jax.adapters.highway import VisualHighway
+
+            self.highway = VisualHighway(c.highway, name="highway")
+
+    def _encoder(self, modality: str) -> nn.Module:
+        t = getattr(self.config, modality)
+        return getattr(self, f"{t.shared_with or modality}_encoder")
+
+    def visual_features(self, modality: str, pixels: jax.Array) -> tuple[jax.Array, tuple]:
+        """image [n, H, W, 3] or video [n, F, H, W, 3] -> patch features [n(*F), P, C], grid."""
+        t = getattr(self.config, modality)
+        expect = (pixels.ndim == 4) if modality == "image" else (pixels.ndim == 5)
+        if not expect or tuple(pixels.shape[-3:-1]) != t.image_size:
+            want = "[n, H, W, 3]" if modality == "image" else "[n, frames, H, W, 3]"
+            raise ValueError(f"{modality} must be {want} with (H, W) = {t.image_size}, got "
+                             f"{tuple(pixels.shape)}")
+        if modality == "video" and pixels.shape[1] != t.num_frames:
+            raise ValueError(f"video must have {t.num_frames} frames, got {pixels.shape[1]}")
+        flat = pixels.reshape(-1, *pixels.shape[-3:])
+        return self._encoder(modality)(flat), self.config.encoder_config(modality).grid(
+            *t.image_size)
+
+    def encode(self, modality: str, media: jax.Array) -> jax.Array:
+        """Media items -> [n_items, tokens_per_item, D] LLM-space embeddings."""
+        adapter = getattr(self, f"{modality}_adapter")
+        if modality == "audio":
+            t = self.config.audio
+            if media.ndim != 3 or media.shape[-1] != t.num_frames:
+                raise ValueError(f"audio must be [n, n_mels, {t.num_frames}] log-mel, got "
+                                 f"{tuple(media.shape)}")
+            return adapter(self.audio_encoder(media))
+        feats, grid = self.visual_features(modality, media)
+        if modality == "image":
+            return adapter(feats, grid)
+        n, f = media.shape[:2]
+        if hasattr(adapter, "video"):
+            return adapter.video(feats.reshape(n, f, *feats.shape[1:]), grid)
+        out = adapter(feats, grid)  # [n*F, T, D]
+        return out.reshape(n, f * out.shape[1], out.shape[-1])
+
+    def embed_inputs(self, batch: Mapping[str, Any]) -> jax.Array:
+        """Token embeddings with every placeholder replaced by its media embedding."""
+        ids = batch["input_ids"]
+        x = self.llm.embed_tokens(ids)  # [batch, seq, D]
+        for m in MODALITIES:
+            if batch.get(m) is None:
+                continue
+            if getattr(self.config, m) is None:
+                raise ValueError(f"batch has {m} inputs but the model has no {m} tower")
+            if batch.get("modality") is None:
+                raise ValueError(f"batch has {m} inputs but no 'modality' array marking where")
+            rows = self.encode(m, batch[m]).astype(x.dtype)
+            rows = rows.reshape(-1, rows.shape[-1])  # [n_items * tokens, D]
+            is_m = batch["modality"] == MODALITY_CODE[m]  # [batch, seq]
+            rank = jnp.cumsum(is_m.reshape(-1)).reshape(is_m.shape) - 1
+            picked = jnp.take(rows, jnp.clip(rank, 0, rows.shape[0] - 1), axis=0)
+            x = jnp.where(is_m[..., None], picked, x)
+        return x
+
+    def __call__(self, batch: Mapping[str, Any], *, cache: dict | None = None,
+                 compute_logits: bool = True) -> dict[str, Any]:
+        """-> {"logits", "hidden", "cache"} (+ "highway" [n, T, out_dim] when configured)."""
+        x = self.embed_inputs(batch)
+        out = self.llm(inputs_embeds=x, positions=batch.get("positions"),
+                       segment_ids=batch.get("segment_ids"), cache=cache,
+                       compute_logits=compute_logits)
+        if self.config.highway is not None:
+            m = "image" if batch.get("image") is not None else "video"
+            if batch.get(m) is not None:
+                feats, grid = self.visual_features(m, batch[m])
+                out["highway"] = self.highway(feats, grid)
+        return out

@@ -1,0 +1,151 @@
+"""OmniConfig: which encoder and adapter each modality uses, on top of an LLMConfig.
+
+A config dict (e.g. from configs/models/*.py) looks like
+  {"llm": {...LLMConfig...},
+   "image": {"encoder": "siglip", "encoder_config": {...}, "adapter": "mlp_2x2",
+             "adapter_config": {...}, "image_size": [64, 64]},
+   "video": {"encoder": "shared:image", "adapter": "mlp", "adapter_config": {...},
+             "num_frames": 4, "image_size": [64, 64]},
+   "audio": {"encoder": "whisper", "encoder_config": {...}, "adapter": "speech",
+             "adapter_config": {...}, "num_frames": 3000},
+   "highway": {...HighwayConfig...}}            # any modality may be absent (text-only works)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from omni_jax.llm.config import LLMConfig
+
+MODALITIES = ("image", "video", "audio")
+MODALITY_CODE = {"text": 0, "image": 1, "video": 2, "audio": 3}  # as in data.template
+# encoder name -> (module, config class, module class, modalities it can serve)
+ENCODERS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "siglip": ("omni_jax.encoders.vision", "SiglipVisionConfig", "SiglipVisionEncoder",
+               ("image", "video")),
+    "whisper": ("omni_jax.encoders.audio", "WhisperEncoderConfig", "WhisperEncoder", ("audio",)),
+}
+AUDIO_ADAPTERS = ("speech",)
+
+
+def encoder_classes(name: str) -> tuple[type, type]:
+    """(config class, module class) of a registered encoder."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))}")
+    mod = importlib.import_module(ENCODERS[name][0])
+    return getattr(mod, ENCODERS[name][1]), getattr(mod, ENCODERS[name][2])
+
+
+def adapter_classes(name: str) -> tuple[type, type, dict[str, Any]]:
+    """(config class, module class, implied settings) of a registered adapter."""
+    if name == "speech":
+        from omni_jax.adapters.speech_projector import SpeechProjector, SpeechProjectorConfig
+
+        return SpeechProjectorConfig, SpeechProjector, {}
+    from omni_jax.adapters.registry import ADAPTERS, known_adapters
+
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown adapter {name!r}; known adapters: "
+                         f"{', '.join(known_adapters() + AUDIO_ADAPTERS)}")
+    return ADAPTERS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+    """One modality's front end: encoder (or 'shared:<modality>') + adapter + static input shape."""
+
+    modality: str
+    encoder: str
+    adapter: str
+    encoder_config: Any = None  # encoder's config dataclass (None when shared)
+    adapter_config: Any = None  # adapter's config dataclass
+    image_size: tuple[int, int] | None = None  # (height, width) for image / video
+    num_frames: int | None = None  # video frames per item, or mel frames per audio item
+
+    @property
+    def shared_with(self) -> str | None:
+        return self.encoder.split(":", 1)[1] if self.encoder.startswith("shared:") else None
+
+    @classmethod
+    def from_dict(cls, modality: str, d: Mapping[str, Any]) -> TowerConfig:
+        d = dict(d)
+        known = {"encoder", "encoder_config", "adapter", "adapter_config", "image_size",
+                 "num_frames"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{modality} tower: unknown keys {unknown}; expected a subset of "
+                             f"{sorted(known)}")
+        for key in ("encoder", "adapter"):
+            if not d.get(key):
+                raise ValueError(f"{modality} tower: '{key}' is required")
+        enc, enc_cfg = d["encoder"], None
+        if not enc.startswith("shared:"):
+            cfg_cls, _ = encoder_classes(enc)
+            if modality not in ENCODERS[enc][3]:
+                raise ValueError(f"{modality} tower: encoder {enc!r} serves "
+                                 f"{ENCODERS[enc][3]}, not {modality!r}")
+            enc_cfg = cfg_cls.from_dict(d.get("encoder_config") or {})
+        a_cfg_cls, _, fixed = adapter_classes(d["adapter"])
+        a_cfg = dict(d.get("adapter_config") or {})
+        for key, value in fixed.items():
+            a_cfg.setdefault(key, value)
+        size = d.get("image_size")
+        return cls(modality, enc, d["adapter"], enc_cfg, a_cfg_cls.from_dict(a_cfg),
+                   None if size is None else (int(size[0]), int(size[1])),
+                   None if d.get("num_frames") is None else int(d["num_frames"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniConfig:
+    """The LLM plus any subset of image / video / audio towers and an optional X-VILA highway."""
+
+    llm: LLMConfig
+    image: TowerConfig | None = None
+    video: TowerConfig | None = None
+    audio: TowerConfig | None = None
+    highway: Any = None  # adapters.highway.HighwayConfig
+
+    def __post_init__(self) -> None:
+        for m in MODALITIES:
+            t = getattr(self, m)
+            if t is None:
+                continue
+            out_dim = getattr(t.adapter_config, "out_dim", None)
+            if out_dim != self.llm.hidden_size:
+                raise ValueError(f"{m} adapter out_dim={out_dim} must equal the LLM hidden_size="
+                                 f"{self.llm.hidden_size}")
+            src = t.shared_with
+            if src is not None and (src not in MODALITIES or getattr(self, src) is None
+                                    or getattr(self, src).shared_with is not None):
+                raise ValueError(f"{m} tower shares the encoder of {src!r}, which is not a "
+                                 f"configured tower with its own encoder")
+            if m in ("image", "video") and t.image_size is None:
+                raise ValueError(f"{m} tower needs image_size [height, width]")
+            if m in ("video", "audio") and not t.num_frames:
+                raise ValueError(f"{m} tower needs num_frames > 0")
+        if self.highway is not None and self.image is None and self.video is None:
+            raise ValueError("the visual highway needs an image or video tower")
+
+    def encoder_config(self, modality: str) -> Any:
+        t = getattr(self, modality)
+        return getattr(self, t.shared_with).encoder_config if t.shared_with else t.encoder_config
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OmniConfig:
+        d = dict(d)
+        unknown = sorted(set(d) - {"llm", "highway", *MODALITIES})
+        if unknown:
+            raise ValueError(f"OmniConfig: unknown keys {unknown}; expected llm, highway, "
+                             f"{', '.join(MODALITIES)}")
+        if "llm" not in d:
+            raise ValueError("OmniConfig: 'llm' is required")
+        towers = {m: TowerConfig.from_dict(m, d[m]) for m in MODALITIES if d.get(m)}
+        highway = None
+        if d.get("highway"):
+            from omni_jax.adapters.highway import HighwayConfig
+
+            highway = HighwayConfig.from_dict(d["highway"])
+        return cls(LLMConfig.from_dict(d["llm"]), highway=highway, **towers)
