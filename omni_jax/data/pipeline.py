@@ -1,7 +1,7 @@
 """grain input pipeline: weighted source mixture -> shard -> encode -> filter -> pad/pack -> batch.
 
-    sources (JSONL / TFDS) --shuffle(seed), repeat(num_epochs)--> mix(weights)
-      --> [process_index::process_count] --> map(encode_fn, shift) --> IterDataset
+    each source (JSONL / TFDS) --shuffle(seed), repeat(num_epochs),
+      [process_index::process_count]--> mix(weights) --> map(encode_fn, shift) --> IterDataset
       --> drop over-long (counted) --> bucketed padding or first-fit packing --> batches
 
 Batches are dicts of int32 numpy arrays [batch_size // process_count, seq] (see
@@ -11,7 +11,8 @@ Batches are dicts of int32 numpy arrays [batch_size // process_count, seq] (see
 Mixing is grain's deterministic proportional interleave; every source is shuffled with its
 own seed and reshuffled each epoch. With num_epochs=None the stream is infinite; with an
 integer, the mixture ends when the first source runs out at its proportion (grain semantics).
-Sharding slices the global mixed stream, so processes see disjoint elements. Bucketed padding
+Sharding slices every source's shuffled stream before mixing, so processes see disjoint
+records and each one mixes with the configured weights. Bucketed padding
 picks a shape per batch from the local examples, so with several processes it needs packing
 or a single bucket (all processes must feed the same shape): that is checked.
 """
@@ -312,10 +313,9 @@ def make_dataset(config: DataConfig | Mapping[str, Any], encode_fn: EncodeFn, *,
             raise ValueError(f"make_dataset: source {name!r} has no records")
         ds = grain.MapDataset.source(sources[name]).map(functools.partial(_tag, i))
         ds = ds.shuffle(seed=config.seed * 1_000_003 + i).repeat(config.num_epochs)
-        parts.append(ds)
+        parts.append(ds[process_index::process_count])
     weights = [config.sources[n].weight for n in names]
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    mixed = mixed[process_index::process_count]
     encoded = mixed.map(functools.partial(_encode, encode_fn))
     it = encoded.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                    prefetch_buffer_size=config.prefetch_buffer))
