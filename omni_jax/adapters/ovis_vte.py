@@ -5,7 +5,9 @@ pixel-shuffle (zero-pad bottom/right to a multiple of the stride; channels order
 -> Linear(no bias, -> V - k) -> LayerNorm -> softmax | gumbel_argmax | st_argmax -> zero
 columns for the k indicator ids -> probabilities p [batch, n, V] -> VTE: p @ W [batch, n, D].
 Integer ids look rows up; the k indicator tokens are the last k ids (one-hot rows of the table).
-Ovis2 (transformers): k = 5; Ovis 1: k = 2, hidden_stride 1.
+Ovis2 (transformers): k = 5; Ovis 1: k = 2, hidden_stride 1. Grids not divisible by the stride
+are padded as in AIDC-AI's Ovis code (reshape to the grid, then pad); transformers 5's ovis2 pads
+the flat [n, seq, C] tensor instead and fails on such grids, so parity is checked on divisible ones.
 """
 
 from __future__ import annotations
