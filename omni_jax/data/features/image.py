@@ -145,14 +145,27 @@ def preprocess(images: Sequence[np.ndarray] | np.ndarray, config: ImageConfig,
     return normalize(batch, config)
 
 
+def _fit(height: int, width: int, rows: int, cols: int, tile: int, rounding: bool
+         ) -> tuple[int, int]:
+    """Size (h, w) of the image scaled (aspect kept) to fit a rows x cols canvas of tiles; the
+    limiting side is exact, the other floored (rounding=False) or rounded, in integers."""
+    ch, cw = rows * tile, cols * tile
+    if cw * height <= ch * width:  # width-limited: scale = cw / width
+        other = (2 * height * cw + width) // (2 * width) if rounding else height * cw // width
+        return max(1, min(ch, other)), cw
+    other = (2 * width * ch + height) // (2 * height) if rounding else width * ch // height
+    return ch, max(1, min(cw, other))
+
+
 def select_grid(height: int, width: int, tile_size: int, max_tiles: int) -> tuple[int, int]:
     """Best (rows, cols) with rows * cols <= max_tiles for an image (LLaVA-NeXT rule).
 
     For each grid the image is scaled to fit the (rows * S, cols * S) canvas keeping its aspect
     ratio: scale = min(cols * S / width, rows * S / height). Effective resolution =
-    min(floor(width * scale) * floor(height * scale), width * height) (upscaling adds nothing);
-    waste = rows * cols * S^2 - effective. Pick the largest effective resolution, then the
-    least waste; remaining ties go to the first grid in (rows, cols) ascending order.
+    min(floor(width * scale) * floor(height * scale), width * height) (upscaling adds nothing),
+    in exact integer arithmetic; waste = rows * cols * S^2 - effective. Pick the largest
+    effective resolution, then the least waste; remaining ties go to the first grid in
+    (rows, cols) ascending order.
     """
     if height <= 0 or width <= 0 or tile_size <= 0 or max_tiles <= 0:
         raise ValueError(f"select_grid: height, width, tile_size, max_tiles must be positive, "
@@ -160,10 +173,9 @@ def select_grid(height: int, width: int, tile_size: int, max_tiles: int) -> tupl
     best, best_key = (1, 1), None
     for rows in range(1, max_tiles + 1):
         for cols in range(1, max_tiles // rows + 1):
-            scale = min(cols * tile_size / width, rows * tile_size / height)
-            effective = min(int(width * scale) * int(height * scale), width * height)
-            waste = rows * cols * tile_size * tile_size - effective
-            key = (effective, -waste)
+            fh, fw = _fit(height, width, rows, cols, tile_size, rounding=False)
+            effective = min(fh * fw, width * height)
+            key = (effective, -(rows * cols * tile_size * tile_size - effective))
             if best_key is None or key > best_key:
                 best, best_key = (rows, cols), key
     return best
@@ -183,16 +195,14 @@ class TiledImage(NamedTuple):
 
 def tile_image(image: np.ndarray, config: ImageConfig) -> TiledImage:
     """Any-res tiling: pick the grid (select_grid), resize keeping the aspect ratio so the image
-    fits the canvas exactly on its limiting side (the other side rounded, at least 1 pixel),
+    fits the canvas exactly on its limiting side (the other side rounded half up, >= 1 pixel),
     centre it on a pad_value canvas, split into S x S tiles; plus the S x S thumbnail."""
     rgb = to_rgb(image, config.strict_channels)
     s = config.image_size
     h, w = rgb.shape[:2]
     rows, cols = select_grid(h, w, s, config.max_tiles)
     ch, cw = rows * s, cols * s
-    scale = min(cw / w, ch / h)
-    nh = ch if ch / h == scale else min(ch, max(1, round(h * scale)))
-    nw = cw if cw / w == scale else min(cw, max(1, round(w * scale)))
+    nh, nw = _fit(h, w, rows, cols, s, rounding=True)
     canvas = np.full((ch, cw, 3), config.pad_value, np.uint8)  # [rows*S, cols*S, 3]
     top, left = (ch - nh) // 2, (cw - nw) // 2
     canvas[top:top + nh, left:left + nw] = resize(rgb, nh, nw, config)
@@ -217,13 +227,17 @@ def ola_lowres_size(height: int, width: int, config: ImageConfig) -> tuple[int, 
 
 def ola_highres_size(height: int, width: int, config: ImageConfig
                      ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Ola high-res view: native size, downscaled (floor, aspect kept) if its area exceeds
-    highres_max_area; then padded up to multiples of size_multiple.
-    Returns ((resized_h, resized_w), (padded_h, padded_w))."""
+    """Ola high-res view: native size, downscaled (aspect kept; sides rounded, floored if the
+    rounded area would exceed the cap) if its area exceeds highres_max_area; then padded up
+    to multiples of size_multiple. Returns ((resized_h, resized_w), (padded_h, padded_w))."""
     if height <= 0 or width <= 0:
         raise ValueError(f"ola_highres_size: size must be positive, got ({height}, {width})")
-    scale = min(1.0, math.sqrt(config.highres_max_area / (height * width)))
-    rh, rw = max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+    rh, rw = height, width
+    if height * width > config.highres_max_area:
+        scale = math.sqrt(config.highres_max_area / (height * width))
+        rh, rw = max(1, round(height * scale)), max(1, round(width * scale))
+        if rh * rw > config.highres_max_area:
+            rh, rw = max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
     m = config.size_multiple
     return (rh, rw), (-(-rh // m) * m, -(-rw // m) * m)
 

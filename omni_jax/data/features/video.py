@@ -89,9 +89,9 @@ def decode_video(source: bytes | str | os.PathLike, num_frames: int) -> np.ndarr
 
 def clamp_frame_size(height: int, width: int, config: VideoConfig) -> tuple[int, int]:
     """Ola frame sizing: keep the aspect ratio and scale so the area lies in
-    [min_area, max_area] (unchanged if already inside). Sides are rounded to the nearest
-    multiple of size_multiple, but floored when shrinking and ceiled when growing, so the
-    area bound holds."""
+    [min_area, max_area] (scale 1 if already inside). Sides are rounded to the nearest
+    multiple of size_multiple (at least one); if that breaks the bound, they are floored
+    (too large) or ceiled (too small) instead."""
     if height <= 0 or width <= 0:
         raise ValueError(f"clamp_frame_size: size must be positive, got ({height}, {width})")
     area = height * width
@@ -101,14 +101,13 @@ def clamp_frame_size(height: int, width: int, config: VideoConfig) -> tuple[int,
     elif area < config.min_area:
         scale = math.sqrt(config.min_area / area)
     m = config.size_multiple
-    h, w = height * scale, width * scale
-    if scale < 1.0:
-        rnd = lambda x: max(m, math.floor(x / m) * m)  # noqa: E731
-    elif scale > 1.0:
-        rnd = lambda x: math.ceil(x / m) * m  # noqa: E731
-    else:
-        rnd = lambda x: max(m, round(x / m) * m)  # noqa: E731
-    return rnd(h), rnd(w)
+    h, w = height * scale / m, width * scale / m
+    rh, rw = max(1, round(h)) * m, max(1, round(w)) * m
+    if rh * rw > config.max_area:
+        rh, rw = max(1, math.floor(h)) * m, max(1, math.floor(w)) * m
+    elif rh * rw < config.min_area:
+        rh, rw = math.ceil(h) * m, math.ceil(w) * m
+    return rh, rw
 
 
 def video_pixels(frames: np.ndarray, video: VideoConfig, image: ImageConfig) -> np.ndarray:
