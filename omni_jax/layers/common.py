@@ -20,9 +20,25 @@ def parse_dtype(name: str | jnp.dtype) -> jnp.dtype:
     return _DTYPES[name]
 
 
+class _LogicallyPartitioned(nn.LogicallyPartitioned):
+    """LogicallyPartitioned that skips the constraint while the value's rank differs from its
+    names: flax's DenseGeneral unboxes its flat 2-D kernel before reshaping it, which fails
+    under a mesh + logical rules (e.g. in apply's shape check inside a sharded train step)."""
+
+    def unbox(self, apply_constraint: bool = True):
+        if jax.numpy.ndim(self.value) != len(self.names):
+            apply_constraint = False
+        return super().unbox(apply_constraint)
+
+
 def logical_init(init: jax.nn.initializers.Initializer, names: Sequence[str | None]):
     """Wrap an initializer so the created param carries logical axis names."""
-    return nn.with_logical_partitioning(init, tuple(names))
+    names = tuple(names)
+
+    def wrapped(*args, **kwargs):
+        return _LogicallyPartitioned(init(*args, **kwargs), names)
+
+    return wrapped
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
