@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from omni_jax.layers.common import constrain, logical_init, parse_dtype
 from omni_jax.layers.interpolate import METHODS, resize_2d
@@ -57,9 +58,9 @@ def check_choice(who: str, name: str, value: str, choices: Sequence[str]) -> Non
 
 def check_patch_features(x: jax.Array, grid_hw: Sequence[int], who: str) -> tuple[int, int]:
     """Validate x [batch, grid_h*grid_w, C] against the static grid; returns (grid_h, grid_w)."""
-    if len(grid_hw) != 2 or not all(isinstance(g, int) and g > 0 for g in grid_hw):
-        raise ValueError(f"{who}: grid_hw must be two positive Python ints, got {grid_hw!r}")
-    gh, gw = grid_hw
+    if len(grid_hw) != 2 or not all(isinstance(g, int | np.integer) and g > 0 for g in grid_hw):
+        raise ValueError(f"{who}: grid_hw must be two positive static ints, got {grid_hw!r}")
+    gh, gw = int(grid_hw[0]), int(grid_hw[1])
     if x.ndim != 3 or x.shape[1] != gh * gw:
         raise ValueError(f"{who}: expected patch features [batch, {gh}*{gw}={gh * gw}, channels] "
                          f"for grid {gh}x{gw}, got shape {tuple(x.shape)}")

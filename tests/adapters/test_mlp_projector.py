@@ -91,7 +91,7 @@ def test_mlp_errors():
     x = jnp.zeros((1, 10, C))
     with pytest.raises(ValueError, match=r"expected patch features \[batch, 3\*4=12"):
         m.init(jax.random.key(0), x, (3, 4))
-    with pytest.raises(ValueError, match="grid_hw must be two positive"):
+    with pytest.raises(ValueError, match="grid_hw must be two positive static ints"):
         m.init(jax.random.key(0), x, (10,))
     with pytest.raises(ValueError, match="smaller than reduce_factor=2"):
         m.num_tokens(1, 8)
