@@ -95,6 +95,17 @@ def test_variable_length_batch_and_mask(fe, clips):
     assert np.abs(single - ref1["input_features"][0]).max() <= TOL
 
 
+def test_threads_same_result(clips):
+    cfg = AudioConfig()
+    ws = [clips["sine"], clips["noise"], clips["noise"][:5000]]
+    one, m1 = log_mel_batch(ws, cfg, num_threads=1)
+    two, m2 = log_mel_batch(ws, cfg, num_threads=2)
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(m1, m2)
+    with pytest.raises(ValueError, match="num_threads must be positive"):
+        log_mel_batch(ws, cfg, num_threads=0)
+
+
 def test_padded_batch_mask(clips):
     cfg = AudioConfig()
     feats, mask = log_mel_batch(np.stack([clips["noise"], clips["noise"][::-1]]), cfg)
