@@ -41,9 +41,9 @@ def tokens_per_item(config: OmniConfig, modality: str) -> int:
     t = getattr(config, modality)
     if t is None:
         raise ValueError(f"this model has no {modality} tower")
+    if modality == "audio":  # Whisper halves the mel frames; one chunk per item
+        return t.adapter_config.num_tokens(t.num_frames // 2, 1)
     adapter = _adapter(config, modality)
-    if modality == "audio":
-        return adapter.num_tokens(t.num_frames // 2)  # Whisper halves the mel frames
     grid = config.encoder_config(modality).grid(*t.image_size)
     if modality == "image":
         return adapter.num_tokens(*grid)
@@ -125,7 +125,7 @@ class OmniModel(nn.Module):
             if media.ndim != 3 or media.shape[-1] != t.num_frames:
                 raise ValueError(f"audio must be [n, n_mels, {t.num_frames}] log-mel, got "
                                  f"{tuple(media.shape)}")
-            return adapter(self.audio_encoder(media))
+            return adapter(self.audio_encoder(media)[:, None])  # one chunk per item
         feats, grid = self.visual_features(modality, media)
         if modality == "image":
             return adapter(feats, grid)

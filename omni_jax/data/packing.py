@@ -11,6 +11,11 @@ A *batch* is a dict of int32 arrays [batch, seq]: input_ids, targets, loss_mask,
 (0 = padding, 1..k = the k examples of a row, in order), positions (0.. per example, 0 on
 padding), plus the extra per-token keys. Padding is pad_id in input_ids, pad_values[key] for
 keys named there (e.g. {"item_index": -1}) and 0 elsewhere.
+
+Media: an example may also carry per-item float arrays under MEDIA_KEYS (image [n, H, W, 3],
+video [n, F, H, W, 3], audio [n, mels, frames]); they pass through shifting untouched, and a
+batch stacks them in layout order (row-major, left to right: the order in which the model
+fills placeholders), zero-padded to a static `media` spec {key: (max_items, item_shape)}.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 REQUIRED_KEYS = ("input_ids", "loss_mask")
+MEDIA_KEYS = ("image", "video", "audio")
+MediaSpec = Mapping[str, tuple[int, tuple[int, ...]]]  # key -> (max_items, item shape)
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -29,7 +36,8 @@ def shift_example(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if missing:
         raise ValueError(f"shift_example: encode_fn output lacks {missing}; got keys "
                          f"{sorted(example)}")
-    arrays = {k: np.asarray(v) for k, v in example.items()}
+    media = {k: np.asarray(v, np.float32) for k, v in example.items() if k in MEDIA_KEYS}
+    arrays = {k: np.asarray(v) for k, v in example.items() if k not in MEDIA_KEYS}
     n = arrays["input_ids"].shape
     for k, v in arrays.items():
         integral = np.issubdtype(v.dtype, np.integer) or v.dtype == np.bool_
@@ -42,6 +50,7 @@ def shift_example(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     mask = arrays.pop("loss_mask").astype(np.int32)
     out = {"input_ids": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
     out.update({k: v[:-1].astype(np.int32) for k, v in arrays.items()})
+    out.update(media)
     return out
 
 
@@ -55,12 +64,46 @@ def _empty_batch(keys: Sequence[str], batch_size: int, seq_len: int, pad_id: int
     return {k: np.full((batch_size, seq_len), fill.get(k, 0), np.int32) for k in keys}
 
 
+def _token_keys(example: Mapping[str, np.ndarray]) -> list[str]:
+    return [k for k in example if k not in MEDIA_KEYS]
+
+
 def _batch_keys(examples: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
-    keys = list(examples[0]) if examples else ["input_ids", "targets", "loss_mask"]
+    keys = _token_keys(examples[0]) if examples else ["input_ids", "targets", "loss_mask"]
     for ex in examples[1:]:
-        if sorted(ex) != sorted(keys):
-            raise ValueError(f"examples disagree on keys: {sorted(keys)} vs {sorted(ex)}")
+        if sorted(_token_keys(ex)) != sorted(keys):
+            raise ValueError(f"examples disagree on keys: {sorted(keys)} vs "
+                             f"{sorted(_token_keys(ex))}")
     return keys + ["segment_ids", "positions"]
+
+
+def collate_media(examples: Sequence[Mapping[str, np.ndarray]],
+                  media: MediaSpec | None) -> dict[str, np.ndarray]:
+    """Media of examples in layout order -> {key: [max_items, *shape]} float32, zero-padded.
+
+    ValueError when an example has media the spec lacks, or a batch needs more items."""
+    media = dict(media or {})
+    for ex in examples:
+        extra = sorted(k for k in ex if k in MEDIA_KEYS and k not in media)
+        if extra:
+            raise ValueError(f"examples carry {extra} arrays but the data config's media spec "
+                             f"only has {sorted(media)}; set DataConfig.media")
+    out = {}
+    for key, (cap, shape) in media.items():
+        items = [ex[key] for ex in examples if key in ex and len(ex[key])]
+        arr = np.zeros((cap, *shape), np.float32)
+        n = sum(len(x) for x in items)
+        if n > cap:
+            raise ValueError(f"batch needs {n} {key} items but the media spec allows {cap}; "
+                             "raise max_items or lower the batch size")
+        for x in items:
+            if tuple(x.shape[1:]) != tuple(shape):
+                raise ValueError(f"{key} items have shape {tuple(x.shape[1:])}, expected "
+                                 f"{tuple(shape)}")
+        if items:
+            arr[:n] = np.concatenate(items)
+        out[key] = arr
+    return out
 
 
 def choose_bucket(length: int, buckets: Sequence[int]) -> int:
@@ -73,7 +116,8 @@ def choose_bucket(length: int, buckets: Sequence[int]) -> int:
 
 def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int,
               buckets: Sequence[int], pad_id: int = 0,
-              pad_values: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+              pad_values: Mapping[str, int] | None = None,
+              media: MediaSpec | None = None) -> dict[str, np.ndarray]:
     """One example per row, padded to the smallest bucket fitting the longest example.
 
     Rows beyond len(examples) are all padding (segment_ids 0), so the shape stays static.
@@ -85,10 +129,11 @@ def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int,
     out = _empty_batch(keys, batch_size, seq, pad_id, pad_values)
     for r, ex in enumerate(examples):
         n = example_length(ex)
-        for k, v in ex.items():
-            out[k][r, :n] = v
+        for k in keys[:-2]:
+            out[k][r, :n] = ex[k]
         out["segment_ids"][r, :n] = 1
         out["positions"][r, :n] = np.arange(n, dtype=np.int32)
+    out.update(collate_media(examples, media))
     return out
 
 
@@ -100,12 +145,14 @@ class FirstFitPacker:
     """
 
     def __init__(self, batch_size: int, seq_len: int, pad_id: int = 0,
-                 pad_values: Mapping[str, int] | None = None) -> None:
+                 pad_values: Mapping[str, int] | None = None,
+                 media: MediaSpec | None = None) -> None:
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"FirstFitPacker: batch_size and seq_len must be positive, got "
                              f"{batch_size}, {seq_len}")
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
         self.pad_values = dict(pad_values or {})
+        self.media = media
         self.reset()
 
     def reset(self) -> None:
@@ -143,23 +190,24 @@ class FirstFitPacker:
             start = 0
             for seg, ex in enumerate(row, start=1):
                 n = example_length(ex)
-                if sorted(ex) != sorted(keys[:-2]):
+                if sorted(_token_keys(ex)) != sorted(keys[:-2]):
                     raise ValueError(f"FirstFitPacker: examples disagree on keys: "
-                                     f"{sorted(keys[:-2])} vs {sorted(ex)}")
-                for k, v in ex.items():
-                    out[k][r, start:start + n] = v
+                                     f"{sorted(keys[:-2])} vs {sorted(_token_keys(ex))}")
+                for k in keys[:-2]:
+                    out[k][r, start:start + n] = ex[k]
                 out["segment_ids"][r, start:start + n] = seg
                 out["positions"][r, start:start + n] = np.arange(n, dtype=np.int32)
                 start += n
+        out.update(collate_media([ex for row in self._rows for ex in row], self.media))
         self.reset()
         return out
 
 
 def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int, seq_len: int,
-                  pad_id: int = 0, pad_values: Mapping[str, int] | None = None
-                  ) -> list[dict[str, np.ndarray]]:
+                  pad_id: int = 0, pad_values: Mapping[str, int] | None = None,
+                  media: MediaSpec | None = None) -> list[dict[str, np.ndarray]]:
     """Pack a list of training examples into as many [batch_size, seq_len] batches as needed."""
-    packer = FirstFitPacker(batch_size, seq_len, pad_id, pad_values)
+    packer = FirstFitPacker(batch_size, seq_len, pad_id, pad_values, media)
     batches = []
     for ex in examples:
         if not packer.add(ex):

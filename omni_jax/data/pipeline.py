@@ -96,6 +96,8 @@ class DataConfig:
     pad_values: Mapping[str, int] = dataclasses.field(  # padding of extra per-token keys
         default_factory=lambda: {"item_index": -1})
     drop_remainder: bool = False  # drop a final partial batch (else pad it to full shape)
+    # media arrays per batch: {"image": {"max_items": 8, "shape": [H, W, 3]}, ...} (omni data)
+    media: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     read_threads: int = 2  # grain threads running encode_fn
     prefetch_buffer: int = 16
 
@@ -106,6 +108,15 @@ class DataConfig:
         object.__setattr__(self, "seq_buckets", tuple(int(b) for b in self.seq_buckets))
         object.__setattr__(self, "pad_values", {str(k): int(v)
                                                 for k, v in dict(self.pad_values).items()})
+        spec = {}
+        for key, v in dict(self.media).items():
+            v = dict(v)
+            if key not in packing.MEDIA_KEYS or sorted(v) != ["max_items", "shape"] or \
+                    int(v["max_items"]) <= 0:
+                raise ValueError(f"DataConfig.media[{key!r}] must be {{max_items: > 0, shape: "
+                                 f"[...]}} with key in {packing.MEDIA_KEYS}, got {v}")
+            spec[key] = (int(v["max_items"]), tuple(int(s) for s in v["shape"]))
+        object.__setattr__(self, "media", spec)
         b = self.seq_buckets
         if not b or any(x <= 0 for x in b) or list(b) != sorted(set(b)):
             raise ValueError(f"DataConfig.seq_buckets must be positive and strictly "
@@ -187,7 +198,7 @@ class _BatchIterator(grain.DatasetIterator):
         ds = self._ds
         if ds.packing:
             packer = packing.FirstFitPacker(ds.local_batch, ds.max_len, ds.pad_id,
-                                            ds.pad_values)
+                                            ds.pad_values, ds.media)
             if self._pending is not None:
                 _, index, ex = self._pending
                 self._pending = None
@@ -217,7 +228,7 @@ class _BatchIterator(grain.DatasetIterator):
                 examples.append(ex)
                 self._take(index, ex)
             batch = packing.pad_batch(examples, ds.local_batch, ds.seq_buckets, ds.pad_id,
-                                      ds.pad_values)
+                                      ds.pad_values, ds.media)
         self._counts["batches"] += 1
         self._counts["token_slots"] += batch["input_ids"].size
         return batch
@@ -259,7 +270,7 @@ class BatchDataset(grain.IterDataset):
         super().__init__(parent)
         self.packing, self.max_len = config.packing, config.max_len
         self.seq_buckets, self.pad_id = config.seq_buckets, config.pad_id
-        self.pad_values = config.pad_values
+        self.pad_values, self.media = config.pad_values, config.media
         self.drop_remainder, self.local_batch = config.drop_remainder, local_batch
         self.source_names, self.sources = tuple(source_names), tuple(sources)
 
