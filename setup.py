@@ -22,6 +22,10 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "tensorboardX>=2.6",
     "tqdm>=4.60",
+    "scipy>=1.11",  # sparse mel projection in data.features.audio
+    "pillow>=10",  # image decoding / resizing in data.features.image
+    "av>=12",  # PyAV: video decoding (wheels bundle ffmpeg; no system ffmpeg needed)
+    "absl-py>=2",  # flags for the train CLI (ml_collections config_flags)
 ]
 
 TEST_REQUIRES = [
