@@ -1,0 +1,219 @@
+"""Shared pieces of the model and recipe configs: arg parsing, towers per system, stage and
+trainer defaults. Recipes (configs/recipes/*.py) import this module; so does the CLI.
+
+A recipe is an ml_collections ConfigDict:
+  recipe, model_name, model (OmniConfig.from_dict format), data_root, tokenizer, media,
+  train (trainer defaults: seed, mesh, logical rules, checkpointing, logging),
+  stage_order [names], stages.<name> (see `stage`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from ml_collections import ConfigDict, FieldReference
+
+CONFIG_DIR = Path(__file__).resolve().parent
+MODEL_NAMES = ("tiny", "qwen05b", "qwen7b")
+FLAVORS = ("mlp", "ola", "capybara", "openomni", "ovis", "xvila")
+# Manifest names of the data sources (the fixture set of omni_jax.data.fixtures writes exactly
+# these; a full dataset provides the same names at scale). Relative paths resolve against
+# config.data_root.
+SOURCES = ("image_caption", "image_qa", "video_qa", "speech_asr", "text_chat")
+
+
+def parse_arg(arg: str | None, defaults: Mapping[str, str]) -> dict[str, str]:
+    """'model=tiny,order=paper' -> {"model": "tiny", "order": "paper", ...defaults}.
+
+    ValueError for a malformed item or a key not in defaults.
+    """
+    out = dict(defaults)
+    for item in (arg or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"config arg item {item!r} is not key=value (e.g. 'model=tiny')")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r}; expected a subset of {sorted(defaults)}")
+        out[key] = value
+    return out
+
+
+def choose(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+    return value
+
+
+def load_model(name: str, flavor: str = "mlp") -> ConfigDict:
+    """configs/models/<name>.py get_config(flavor): an OmniConfig.from_dict-format ConfigDict."""
+    choose("model", name, MODEL_NAMES)
+    path = CONFIG_DIR / "models" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"omni_model_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(flavor)
+
+
+def towers(flavor: str, width: int, *, siglip: Mapping[str, Any], whisper: Mapping[str, Any],
+           sizes: Mapping[str, Any]) -> dict[str, Any]:
+    """image / video / audio (/ highway) tower dicts of one system's flavor for an LLM `width`.
+
+    sizes: image_size (SigLIP default input side), ola_image_size, capybara_image_size,
+    openomni_vit (a dict overriding siglip for the CLIP-L-sized tower), video_frames,
+    audio_frames, speech_hidden, ovis_vocab, highway_dim.
+    """
+    choose("model flavor", flavor, FLAVORS)
+    siglip = dict(siglip)
+    side = sizes["image_size"]
+    out: dict[str, Any] = {}
+    # speech projector (stack k frames -> Linear-ReLU-Linear); OpenOmni / default: k=5
+    speech = {"in_dim": whisper["d_model"], "out_dim": width,
+              "hidden_dim": sizes["speech_hidden"], "stack": 5, "special_vectors": False}
+    video_adapter = "mlp"
+    if flavor == "ola":
+        # Ola's SigLIP-so400m variant: patch 16, bilinear pos-grid resize; LGAP projector with
+        # begin/sep/newline/end vectors; speech: stack 10 + begin/end/newline vectors.
+        siglip.update(patch_size=16, pos_interp="bilinear")
+        side, video_adapter = sizes["ola_image_size"], "ola_lgap"
+        image = {"adapter": "ola_lgap", "adapter_config": {"out_dim": width}}
+        speech.update(stack=10, special_vectors=True)
+    elif flavor == "capybara":
+        # SigLIP + 2-layer MLP with 2x2 bilinear reduction (32x32 -> 16x16 per tile); pos grid
+        # interpolated to the larger input; audio: Whisper + 1-layer MLP.
+        side, video_adapter = sizes["capybara_image_size"], "mlp_2x2"
+        image = {"adapter": "mlp_2x2", "adapter_config": {"out_dim": width}}
+        speech.update(stack=1)  # paper: 1-layer MLP; ours keeps Linear-ReLU-Linear
+    elif flavor == "openomni":
+        # CLIP-L/14-336-sized tower, penultimate layer, no post-LN; LLaVA-NeXT row newlines.
+        siglip.update(sizes["openomni_vit"], select_layer=-2, use_post_layernorm=False)
+        side = siglip["image_size"]
+        image = {"adapter": "mlp", "adapter_config": {"out_dim": width, "newline": "row"}}
+    elif flavor == "ovis":
+        image = {"adapter": "ovis_vte",
+                 "adapter_config": {"out_dim": width, "vocab_size": sizes["ovis_vocab"]}}
+    else:  # mlp, xvila
+        image = {"adapter": "mlp", "adapter_config": {"out_dim": width}}
+    out["image"] = {"encoder": "siglip", "encoder_config": siglip, "image_size": [side, side],
+                    **image}
+    if flavor == "ovis":  # Ovis: images only
+        return out
+    if flavor != "openomni":  # OpenOmni has no video tower
+        adapter_config = dict(image["adapter_config"]) if video_adapter == image["adapter"] else {
+            "out_dim": width}
+        out["video"] = {"encoder": "shared:image", "adapter": video_adapter,
+                        "adapter_config": adapter_config, "image_size": [side, side],
+                        "num_frames": sizes["video_frames"]}
+    out["audio"] = {"encoder": "whisper", "encoder_config": dict(whisper), "adapter": "speech",
+                    "adapter_config": speech, "num_frames": sizes["audio_frames"]}
+    if flavor == "xvila":  # visual embedding highway to the (later) visual decoder
+        out["highway"] = {"out_dim": sizes["highway_dim"]}
+    return out
+
+
+def lr_group(pattern: str, lr_scale: float) -> dict[str, Any]:
+    return {"pattern": pattern, "lr_scale": lr_scale}
+
+
+def mixture(**weights: float) -> dict[str, dict[str, Any]]:
+    """source name -> {kind: jsonl, path: <name>.jsonl (relative to data_root), weight}."""
+    unknown = sorted(set(weights) - set(SOURCES))
+    if unknown:
+        raise ValueError(f"unknown data sources {unknown}; expected a subset of {SOURCES}")
+    return {n: {"kind": "jsonl", "path": f"{n}.jsonl", "weight": float(w)}
+            for n, w in weights.items()}
+
+
+def stage(*, description: str, trainable: Sequence[str], sources: Mapping[str, Any], lr: float,
+          batch_size: int, steps: int | None = None, epochs: float | None = None,
+          lr_groups: Mapping[str, Any] | None = None, losses: Mapping[str, Any] | None = None,
+          warmup_ratio: float = 0.03, schedule: str = "cosine", weight_decay: float = 0.0,
+          clip_norm: float = 1.0, seq_len: int = 2048, packing: bool = True) -> ConfigDict:
+    """One stage: data mixture, trainable regexes, LR groups, losses, schedule, length, batch.
+
+    Exactly one of steps / epochs (epochs -> steps = ceil(epochs * records / batch_size)).
+    optim is an OptimConfig dict; its warmup_steps (0 here) is set from warmup_ratio * steps.
+    """
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"stage {description!r}: give exactly one of steps / epochs")
+    return ConfigDict({
+        "description": description,
+        "trainable": tuple(trainable),
+        "lr_groups": dict(lr_groups or {}),
+        "losses": dict(losses or {"ce": 1.0}),
+        "data": {"sources": dict(sources), "seq_buckets": (seq_len,), "packing": packing,
+                 "seq_len": seq_len, "seed": 0},
+        "optim": {"lr": lr, "schedule": schedule, "warmup_steps": 0, "end_lr_ratio": 0.0,
+                  "weight_decay": weight_decay, "clip_norm": clip_norm},
+        "warmup_ratio": warmup_ratio,
+        "steps": FieldReference(steps, field_type=int),
+        "epochs": FieldReference(epochs, field_type=float),
+        "batch_size": batch_size,
+        # media items per (process-local) batch, e.g. {"image": 64}; a missing modality gets
+        # the safe bound batch * (seq_len // tokens per item). A batch needing more items
+        # than its budget is an error, so set these for real runs to save encoder compute.
+        "media_items": {},
+    })
+
+
+def tiny_overrides(stages: ConfigDict, steps: int = 4, batch_size: int = 4,
+                   seq_len: int = 128) -> None:
+    """Make every stage a few-step, small-batch run (model=tiny: tests and the demo): padded
+    rows of one fixture record each (one media item per record), so batch_size items suffice."""
+    for name in stages:
+        s = stages[name]
+        s.steps, s.epochs, s.batch_size = steps, None, batch_size
+        s.data.seq_len, s.data.seq_buckets, s.data.packing = seq_len, (seq_len,), False
+        s.media_items = {m: batch_size for m in ("image", "video", "audio")}
+
+
+def trainer_defaults() -> ConfigDict:
+    """Trainer settings shared by every stage (omni_jax.train.trainer.default_config's keys
+    minus the per-stage ones: batch_size, steps, optim, stage), plus the model's
+    fused_head_chunk. Override with --config.train.<key>=..."""
+    return ConfigDict({
+        "seed": 0,
+        "grad_accum": 1,
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1},  # -1: remaining devices
+        "rules": (),  # ((logical, mesh axes), ...); empty: parallel.rules.DEFAULT_RULES
+        "checkpoint": {"every_steps": 500, "keep": 3, "async_save": True},
+        "log_every": 10,
+        "eval_every": 0,  # 0: no periodic eval
+        "eval_batches": 1,
+        "peak_flops": 0.0,  # per device FLOP/s for MFU; 0: measure a matmul once
+        "progress_bar": True,
+        "tensorboard": True,
+        "fused_head_chunk": FieldReference(None, field_type=int),  # chunked LM head + CE
+    })
+
+
+def recipe(name: str, model_name: str, flavor: str, stage_order: Sequence[str],
+           stages: Mapping[str, ConfigDict]) -> ConfigDict:
+    """Assemble a full recipe config (model from configs/models, trainer defaults)."""
+    if list(stage_order) != list(stages):
+        raise ValueError(f"recipe {name}: stage_order {list(stage_order)} != stages "
+                         f"{list(stages)}")
+    c = ConfigDict()
+    c.recipe = name
+    c.model_name = model_name
+    c.model = load_model(model_name, flavor)
+    c.data_root = "data"  # relative source paths resolve against this directory
+    c.tokenizer = {"path": "", "kind": "sentencepiece"}  # TokenizerConfig (path required)
+    c.text_only = False  # True: drop media parts (LLM-only runs of any recipe)
+    c.audio_features = {"n_mels": c.model.audio.encoder_config.num_mel_bins
+                        if "audio" in c.model else 80,
+                        "chunk_seconds": math.ceil((c.model.audio.num_frames if "audio" in c.model
+                                                    else 3000) / 100)}
+    c.train = trainer_defaults()
+    c.stage_order = tuple(stage_order)  # a tuple, so --config.stage_order='(a, b)' works
+    c.stages = ml_collections.ConfigDict(dict(stages))
+    if model_name == "tiny":
+        tiny_overrides(c.stages)
+    return c

@@ -1,0 +1,33 @@
+"""~0.5B omni model: Qwen2.5-0.5B LLM with SigLIP-so400m and Whisper-large-v3 towers.
+`get_config(flavor)`: flavor picks the adapters of one system (see configs/common.py)."""
+
+import sys
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+if str(Path(__file__).resolve().parents[2]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from configs import common  # noqa: E402
+
+WIDTH = 896
+LLM = dict(vocab_size=151936, hidden_size=WIDTH, intermediate_size=4864, num_layers=24,
+           num_heads=14, num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+           max_position_embeddings=32768, tie_word_embeddings=True, scan_layers=True,
+           remat_policy="dots", dtype="bfloat16", param_dtype="float32")
+# SigLIP-so400m/14 @ 384 (Ola swaps patch 16, see common.towers).
+SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16,
+              image_size=384, patch_size=14, dtype="bfloat16")
+WHISPER = dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+               encoder_ffn_dim=5120, max_source_positions=1500, dtype="bfloat16")
+# CLIP ViT-L/14-336-sized tower for OpenOmni (our SigLIP block, CLIP's sizes).
+CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
+              image_size=336, patch_size=14)
+SIZES = dict(image_size=384, ola_image_size=384, capybara_image_size=448, openomni_vit=CLIP_L,
+             video_frames=16, audio_frames=3000, speech_hidden=2048, ovis_vocab=65536,
+             highway_dim=1024)
+
+
+def get_config(flavor: str | None = None) -> ConfigDict:
+    return ConfigDict({"llm": LLM, **common.towers(flavor or "mlp", WIDTH, siglip=SIGLIP,
+                                                   whisper=WHISPER, sizes=SIZES)})

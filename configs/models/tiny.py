@@ -1,0 +1,29 @@
+"""Tiny omni model for tests and the demo: a 2-layer Qwen2-style LLM (width 32) with tiny
+SigLIP / Whisper towers. `get_config(flavor)`: flavor picks the adapters of one system
+(mlp | ola | capybara | openomni | ovis | xvila), see configs/common.py `towers`."""
+
+import sys
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+if str(Path(__file__).resolve().parents[2]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from configs import common  # noqa: E402
+
+WIDTH = 32
+LLM = dict(vocab_size=512, hidden_size=WIDTH, intermediate_size=64, num_layers=2, num_heads=4,
+           num_kv_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+SIGLIP = dict(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=32,
+              patch_size=8)
+WHISPER = dict(num_mel_bins=80, d_model=16, encoder_layers=2, encoder_attention_heads=2,
+               encoder_ffn_dim=32, max_source_positions=50)
+SIZES = dict(image_size=32, ola_image_size=32, capybara_image_size=32,
+             openomni_vit=dict(image_size=32, patch_size=8), video_frames=2,
+             audio_frames=100,  # 1 s of 10 ms mel frames; Whisper halves it to 50 positions
+             speech_hidden=32, ovis_vocab=64, highway_dim=8)
+
+
+def get_config(flavor: str | None = None) -> ConfigDict:
+    return ConfigDict({"llm": LLM, **common.towers(flavor or "mlp", WIDTH, siglip=SIGLIP,
+                                                   whisper=WHISPER, sizes=SIZES)})

@@ -1,0 +1,394 @@
+"""Train a multi-stage recipe: `python -m omni_jax.cli.train --config RECIPE[:ARG] --workdir DIR`.
+
+RECIPE is a config file (configs/recipes/ola.py) or a recipe name (ola); ARG goes to its
+get_config (e.g. model=tiny). Override any field with --config.a.b=value. Stages run in
+config.stage_order; each starts from the previous stage's final parameters, and a stage whose
+final checkpoint exists is skipped on re-run (inside a stage, the trainer resumes from its
+latest checkpoint). --stage NAME runs one stage (its predecessor must have finished);
+--dry_run prints the stage plan (trainable parameter counts) without training. Bad input
+(unknown recipe / stage, a trainable pattern matching nothing, ...) prints the error, exit 2.
+Multi-host: --coordinator_address/--num_processes/--process_id or the OMNI_*/JAX_* env vars
+(see omni_jax.parallel.mesh.maybe_initialize_distributed); the workdir must be shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from omni_jax.omni_config import OmniConfig
+from omni_jax.parallel.mesh import maybe_initialize_distributed
+from omni_jax.train.omni_model import OmniLM
+from omni_jax.train.stages import FREEZE, StageConfig, label_tree
+
+log = logging.getLogger("omni_jax.train")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPE_DIR = REPO_ROOT / "configs" / "recipes"
+STAGE_KEYS = ("trainable", "lr_groups", "losses")
+
+
+def known_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def resolve_recipe(spec: str) -> tuple[str, str | None]:
+    """'ola:model=tiny' or 'configs/recipes/ola.py:model=tiny' -> (file path, arg)."""
+    path, _, arg = spec.partition(":")
+    if not path.endswith(".py") and os.sep not in path and "/" not in path:
+        path = str(RECIPE_DIR / f"{path}.py")
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown recipe {spec.partition(':')[0]!r}: no config file {path}; "
+                         f"known recipes: {', '.join(known_recipes())}")
+    return path, (arg or None)
+
+
+def load_recipe(spec: str) -> ml_collections.ConfigDict:
+    """Load a recipe config in-process (what --config does, without the flag machinery)."""
+    path, arg = resolve_recipe(spec)
+    s = importlib.util.spec_from_file_location(f"recipe_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(s)
+    s.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StagePlan:
+    """One stage resolved against the model: trainer config, counts, data sources."""
+
+    name: str
+    trainer_config: ml_collections.ConfigDict
+    data: dict[str, Any]
+    steps: int | None
+    trainable_params: int
+    total_params: int
+    trainable_groups: list[str]
+
+
+def _stage_order(config: ml_collections.ConfigDict) -> list[str]:
+    """config.stage_order: known, distinct stage names (a subset runs only those, in order)."""
+    order = list(config.stage_order)
+    unknown = [s for s in order if s not in config.stages]
+    if not order or unknown or len(set(order)) != len(order):
+        raise ValueError(f"recipe {config.get('recipe')!r}: stage_order {order} must name "
+                         f"distinct stages among {list(config.stages)}"
+                         + (f"; unknown: {unknown}" if unknown else ""))
+    return order
+
+
+def _media(config: ml_collections.ConfigDict, omni: OmniConfig, s: ml_collections.ConfigDict,
+           max_len: int) -> dict[str, Any]:
+    """DataConfig.media for a stage: the item budgets (s.media_items, else the safe bound
+    batch * (max_len // tokens per item)) at the towers' static shapes."""
+    from omni_jax.data.omni import media_spec
+    from omni_jax.model import tokens_per_item
+    from omni_jax.omni_config import MODALITIES
+
+    items = dict(s.get("media_items", {}))
+    unknown = sorted(set(items) - set(MODALITIES))
+    if unknown:
+        raise ValueError(f"media_items: unknown modalities {unknown}; expected {MODALITIES}")
+    towers = [m for m in MODALITIES if getattr(omni, m) is not None]
+    budget = {m: int(items[m]) if m in items else
+              int(s.batch_size) * max(1, max_len // tokens_per_item(omni, m)) for m in towers}
+    return media_spec(omni, budget, _audio_config(config))
+
+
+def _audio_config(config: ml_collections.ConfigDict) -> Any:
+    from omni_jax.data.features.config import AudioConfig
+
+    return AudioConfig.from_dict(config.audio_features.to_dict())
+
+
+def _resolve_data(config: ml_collections.ConfigDict, omni: OmniConfig,
+                  s: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The stage's DataConfig dict: batch size, source paths under data_root, media budgets."""
+    from omni_jax.data.pipeline import DataConfig
+
+    data = s.data.to_dict()
+    data["batch_size"] = int(s.batch_size)
+    data["sources"] = {k: dict(v) for k, v in data["sources"].items()}
+    for src in data["sources"].values():
+        paths = [src["path"]] if isinstance(src["path"], str) else list(src["path"])
+        paths = [p if os.path.isabs(p) else os.path.join(config.data_root, p) for p in paths]
+        src["path"] = paths[0] if len(paths) == 1 else tuple(paths)
+    if not config.text_only:
+        data["media"] = _media(config, omni, s, DataConfig.from_dict(data).max_len)
+    return data
+
+
+def _steps(name: str, s: ml_collections.ConfigDict, data: Mapping[str, Any],
+           count_records: Callable[[Mapping[str, Any]], int] | None) -> int | None:
+    """steps, or ceil(epochs * records / batch_size) (None if the data is not there)."""
+    if s.steps is not None:
+        if s.steps <= 0:
+            raise ValueError(f"stage {name!r}: steps must be positive, got {s.steps}")
+        return int(s.steps)
+    if s.epochs is None or s.epochs <= 0:
+        raise ValueError(f"stage {name!r}: set steps or a positive epochs, got {s.steps}, "
+                         f"{s.epochs}")
+    if count_records is None:
+        return None
+    return max(1, math.ceil(s.epochs * count_records(data) / data["batch_size"]))
+
+
+def _count_records(data: Mapping[str, Any]) -> int:
+    from omni_jax.data.pipeline import DataConfig, build_sources
+
+    return sum(len(src) for src in build_sources(DataConfig.from_dict(data)).values())
+
+
+def trainer_config(config: ml_collections.ConfigDict, name: str, steps: int
+                   ) -> ml_collections.ConfigDict:
+    """The trainer's ConfigDict for one stage: config.train + the stage's batch/steps/optim."""
+    from omni_jax.train.trainer import default_config
+
+    s = config.stages[name]
+    c = default_config()
+    for key, value in config.train.items():
+        if key != "fused_head_chunk":
+            c[key] = value
+    c.batch_size, c.steps = int(s.batch_size), int(steps)
+    optim = s.optim.to_dict()
+    if not optim.get("warmup_steps"):
+        optim["warmup_steps"] = int(round(float(s.warmup_ratio) * steps))
+    c.optim = ml_collections.ConfigDict(optim)
+    c.stage = ml_collections.ConfigDict({"name": name, **{k: s[k] for k in STAGE_KEYS}})
+    return c
+
+
+def make_plan(config: ml_collections.ConfigDict, model: OmniLM, *, count_data: bool = True
+              ) -> list[StagePlan]:
+    """Validate every stage against the model's parameter tree (abstract init, no compute)."""
+    from omni_jax.train.losses import make_objective
+
+    order = _stage_order(config)
+    batch = {"input_ids": jax.ShapeDtypeStruct((1, 8), np.int32)}
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
+    import flax.linen as nn
+
+    params = nn.unbox(params)
+    sizes = jax.tree.leaves(jax.tree.map(lambda x: int(np.prod(x.shape)), params))
+    plans = []
+    for name in order:
+        s = config.stages[name]
+        unknown = sorted(set(s) - {"description", "data", "optim", "warmup_ratio", "steps",
+                                   "epochs", "batch_size", "media_items", *STAGE_KEYS})
+        if unknown:
+            raise ValueError(f"stage {name!r}: unknown keys {unknown}")
+        stage = StageConfig.from_dict({"name": name, **{k: s[k] for k in STAGE_KEYS}})
+        labels = jax.tree.leaves(label_tree(params, stage))  # ValueError: pattern matches none
+        make_objective(stage.losses)  # ValueError: unknown loss
+        data = _resolve_data(config, model.config, s)
+        have = all(os.path.exists(p) for src in data["sources"].values()
+                   for p in ([src["path"]] if isinstance(src["path"], str) else src["path"]))
+        steps = _steps(name, s, data, _count_records if count_data and have else None)
+        tc = trainer_config(config, name, steps or 1)
+        paths = [p for p, lab in zip(jax.tree.leaves(_paths(params)), labels) if lab != FREEZE]
+        groups = sorted({p.split("/")[0] for p in paths})
+        trainable = sum(n for n, lab in zip(sizes, labels) if lab != FREEZE)
+        plans.append(StagePlan(name, tc, data, steps, trainable, sum(sizes), groups))
+    return plans
+
+
+def _paths(params: Any) -> Any:
+    from omni_jax.train.stages import param_paths
+
+    return param_paths(params)
+
+
+def format_plan(config: ml_collections.ConfigDict, plans: Sequence[StagePlan]) -> str:
+    lines = [f"recipe {config.recipe} (model {config.model_name}): {len(plans)} stages, "
+             f"{plans[0].total_params:,} parameters"]
+    for i, p in enumerate(plans):
+        s = config.stages[p.name]
+        steps = p.steps if p.steps is not None else f"{s.epochs} epoch(s)"
+        mix = ", ".join(f"{k}:{v['weight']:g}" for k, v in p.data["sources"].items())
+        lines.append(f"  {i + 1}. {p.name:<15} steps={steps} batch={s.batch_size} "
+                     f"lr={s.optim.lr:g} trainable={p.trainable_params:,} "
+                     f"({100 * p.trainable_params / p.total_params:.1f}%) "
+                     f"[{', '.join(p.trainable_groups)}] losses={dict(s.losses)} data={mix}")
+        if s.get("description"):
+            lines.append(f"     {s.description}")
+    return "\n".join(lines)
+
+
+# ---- data ---------------------------------------------------------------------------------
+class TextOnlyEncoder:
+    """Record -> template tokens with media parts dropped (text-only runs of any recipe)."""
+
+    def __init__(self, template: Any) -> None:
+        self.template = template
+
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        messages = []
+        for m in record["messages"]:
+            content = m["content"]
+            if not isinstance(content, str):
+                content = [p for p in content if p.get("type") == "text"]
+            messages.append({**m, "content": content})
+        ex = self.template.encode(messages)
+        return {"input_ids": ex.input_ids, "loss_mask": ex.loss_mask}
+
+
+def make_encoder(config: ml_collections.ConfigDict, omni: OmniConfig) -> Any:
+    """record -> example: OmniEncoder (template + media features), or text-only."""
+    from omni_jax.data.omni import OmniEncoder
+    from omni_jax.data.template import ChatTemplate
+    from omni_jax.data.tokenizer import load_tokenizer
+
+    if not config.tokenizer.path:
+        raise ValueError("no tokenizer: set --config.tokenizer.path (a SentencePiece .model or, "
+                         "with --config.tokenizer.kind=hf, a tokenizer.json)")
+    tok = load_tokenizer(config.tokenizer.to_dict())
+    if tok.vocab_size > omni.llm.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} ids but the LLM vocab_size is "
+                         f"{omni.llm.vocab_size}")
+    if config.text_only:
+        return TextOnlyEncoder(ChatTemplate(tok))
+    return OmniEncoder(omni, ChatTemplate(tok), audio=_audio_config(config))
+
+
+# ---- running -------------------------------------------------------------------------------
+def _checkpointer(workdir: str, name: str):
+    from omni_jax.train.checkpoint import Checkpointer
+
+    return Checkpointer(os.path.join(workdir, name, "checkpoints"), keep=1)
+
+
+def stage_finished(workdir: str, plan: StagePlan) -> bool:
+    """True if the stage's final checkpoint (step == its steps) exists."""
+    if not os.path.isdir(os.path.join(workdir, plan.name, "checkpoints")):
+        return False
+    ckpt = _checkpointer(workdir, plan.name)
+    try:
+        return (ckpt.latest_step() or 0) >= plan.trainer_config.steps
+    finally:
+        ckpt.close()
+
+
+def _example(plan: StagePlan) -> dict[str, np.ndarray]:
+    from omni_jax.data.pipeline import DataConfig
+
+    seq = DataConfig.from_dict(plan.data).max_len
+    return {"input_ids": np.zeros((plan.trainer_config.batch_size, seq), np.int32)}
+
+
+def final_params(workdir: str, plan: StagePlan, model: OmniLM) -> Any:
+    """The final parameters of a finished stage, restored from its last checkpoint."""
+    from omni_jax.train.trainer import Trainer
+
+    ckpt = _checkpointer(workdir, plan.name)
+    try:
+        state = Trainer(plan.trainer_config, model).restore_or_init(_example(plan), ckpt)
+    finally:
+        ckpt.close()
+    return state["params"]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = None,
+        dry_run: bool = False, echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Run (or with dry_run, plan) the recipe; -> {stage: "trained" | "skipped" | ...}."""
+    from omni_jax.data.pipeline import make_dataset
+    from omni_jax.train.trainer import Trainer
+
+    omni = OmniConfig.from_dict(config.model.to_dict())
+    model = OmniLM(omni, config.train.get("fused_head_chunk"))
+    order = _stage_order(config)
+    if stage is not None and stage not in order:
+        raise ValueError(f"unknown stage {stage!r}; recipe {config.recipe!r} has stages {order}")
+    plans = make_plan(config, model, count_data=not dry_run)
+    echo(format_plan(config, plans))
+    if dry_run:
+        return {p.name: "planned" for p in plans}
+    encoder = make_encoder(config, omni)
+    first = order.index(stage) if stage is not None else 0
+    last = first + 1 if stage is not None else len(order)
+    if first > 0 and not stage_finished(workdir, plans[first - 1]):
+        raise ValueError(f"stage {stage!r} starts from stage {order[first - 1]!r}'s final "
+                         f"parameters, but that stage has not finished in {workdir}; run it "
+                         f"first (or run without --stage)")
+    status, params = {}, None
+    for i in range(first, last):
+        plan = plans[i]
+        if stage_finished(workdir, plan):
+            echo(f"stage {plan.name}: final checkpoint exists, skipped")
+            status[plan.name], params = "skipped", None
+            continue
+        if params is None and i > 0:
+            params = final_params(workdir, plans[i - 1], model)
+        echo(f"stage {plan.name}: {plan.trainer_config.steps} steps"
+             + (f", from stage {plans[i - 1].name}'s final parameters" if i > 0 else ""))
+        trainer = Trainer(plan.trainer_config, model)
+        it = iter(make_dataset(plan.data, encoder))
+        state = trainer.run(it, _example(plan), os.path.join(workdir, plan.name), params=params)
+        step = int(jax.device_get(state["step"]))
+        if step < plan.trainer_config.steps:
+            echo(f"stage {plan.name}: stopped at step {step} (signal); re-run to resume")
+            status[plan.name] = "interrupted"
+            return status
+        status[plan.name], params = "trained", state["params"]
+    return status
+
+
+# ---- command line -----------------------------------------------------------------------------
+_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe file[:arg] or name[:arg]",
+                                          lock_config=True)
+flags.DEFINE_string("workdir", None, "output directory (checkpoints, TensorBoard), shared by hosts")
+flags.DEFINE_string("stage", None, "run only this stage")
+flags.DEFINE_bool("dry_run", False, "print the stage plan and exit")
+flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+FLAGS = flags.FLAGS
+
+
+def _resolve_argv(argv: list[str]) -> list[str]:
+    """Recipe names in --config become config file paths; unknown recipes -> ValueError."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            path, arg = resolve_recipe(a.split("=", 1)[1])
+            out[i] = f"--config={path}" + (f":{arg}" if arg else "")
+        elif a == "--config" and i + 1 < len(out):
+            path, arg = resolve_recipe(out[i + 1])
+            out[i + 1] = path + (f":{arg}" if arg else "")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        FLAGS(_resolve_argv(argv))
+        if FLAGS.config is None or not FLAGS.workdir:
+            raise ValueError("--config and --workdir are required")
+        maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                     FLAGS.process_id)
+        status = run(FLAGS.config, FLAGS.workdir, stage=FLAGS.stage, dry_run=FLAGS.dry_run)
+    except (ValueError, flags.Error) as e:
+        msg = str(e)
+        if "Traceback" in msg:  # config_flags wraps errors raised by get_config
+            msg = [line for line in msg.splitlines() if line.strip()][-1]
+            msg = msg.removeprefix("ValueError: ")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    print("stages: " + ", ".join(f"{k}={v}" for k, v in status.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
