@@ -97,3 +97,29 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh, rules: Rules) -> dict[str, ja
         v = np.asarray(v)
         out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
     return out
+
+
+def mirror_shardings(abstract_tree: Any, params: Any, param_shardings: Any,
+                     mesh: Mesh) -> Any:
+    """Shardings for a tree that mirrors params in places (e.g. optimizer state: Adam's mu/nu).
+
+    A leaf whose trailing dict-key path equals a parameter path with the same shape gets that
+    parameter's sharding; every other leaf (step counters, ...) is replicated.
+    """
+    def keys(path):
+        tail = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            tail.append(str(k.key))
+        return tuple(reversed(tail))
+
+    table = {keys(p): (np.shape(x), s) for (p, x), s in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, x):
+        shape, sharding = table.get(keys(path), (None, None))
+        return sharding if shape == np.shape(x) else replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)

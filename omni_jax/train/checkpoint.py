@@ -50,8 +50,8 @@ class Checkpointer:
             raise ValueError(f"Checkpointer: every_steps and keep must be positive, got "
                              f"{every_steps}, {keep}")
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every_steps, max_to_keep=keep,
+        self.every_steps = every_steps
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -65,14 +65,14 @@ class Checkpointer:
              force: bool = False) -> bool:
         """Save if the interval says so (or force); True if a save started. Async: returns after
         the device->host copy, so the caller may donate/overwrite `state` right away."""
-        if step in self.manager.all_steps():
+        if (not force and step % self.every_steps) or step in self.manager.all_steps():
             return False
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = ocp.args.JsonSave(_iterator_state(data_iter))
         if config is not None:
             items["config"] = ocp.args.JsonSave(_jsonable(config))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int | None, abstract_state: Any, *, data_iter: Any = None) -> Any:
         """Restore `step` (None = latest) into the shapes/dtypes/shardings of abstract_state.

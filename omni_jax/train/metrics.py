@@ -48,6 +48,12 @@ class MetricsLogger:
         self._t, self._tokens = time.perf_counter(), 0
         self.history: list[tuple[int, dict[str, float]]] = []
 
+    def restart(self) -> None:
+        """Reset the throughput window (e.g. after the compiling first step)."""
+        self._t, self._tokens = time.perf_counter(), 0
+        if self.bar is not None:
+            self.bar.update(1)
+
     def count(self, tokens: int) -> None:
         """Tokens processed by a step (all processes); call once per step."""
         self._tokens += tokens

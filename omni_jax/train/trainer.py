@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +24,7 @@ from omni_jax.parallel.mesh import make_mesh
 from omni_jax.parallel.sharding import (
     batch_axes,
     check_batch_divisible,
+    mirror_shardings,
     normalize_rules,
     shard_batch,
     tree_shardings,
@@ -121,9 +122,7 @@ class Trainer:
         self.tx, self.schedule = build_optimizer(self.optim, self.stage, self.labels,
                                                  self.config.steps)
         abstract_opt = jax.eval_shape(self.tx.init, abstract)
-        opt_shardings = optax.tree_utils.tree_map_params(
-            self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-            transform_non_params=lambda _: self.replicated)
+        opt_shardings = mirror_shardings(abstract_opt, abstract, self.param_shardings, self.mesh)
         self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
                                 "step": self.replicated}
         abstract_state = {"params": abstract, "opt_state": abstract_opt,
@@ -246,11 +245,12 @@ class Trainer:
 
     def fit(self, state: State, train_iter: Iterator[Mapping[str, Any]], *,
             checkpointer: Checkpointer | None = None, logdir: str | None = None,
-            eval_iter_fn: Any = None) -> State:
+            eval_iter_fn: Any = None, hooks: Sequence[Any] = ()) -> State:
         """Train until config.steps (or a SIGTERM/SIGINT: finish the step, save, return).
 
         train_iter yields this process's rows of each global batch (numpy dicts); it is
         checkpointed with the state if it has get_state/set_state. eval_iter_fn() -> iterator.
+        hooks: callables hook(step, state, metrics) run after each step (and its save).
         """
         c = self.config
         start = int(jax.device_get(state["step"]))
@@ -264,7 +264,11 @@ class Trainer:
             while step < c.steps:
                 state, metrics = self.train_step(state, self.shard(next(train_iter)))
                 step += 1
-                logger.count(c.batch_size * seq)
+                if step == start + 1:  # keep compilation out of the throughput numbers
+                    jax.block_until_ready(metrics)
+                    logger.restart()
+                else:
+                    logger.count(c.batch_size * seq)
                 if step % c.log_every == 0 or step == c.steps:
                     logger.log(step, metrics)
                 if eval_iter_fn is not None and c.eval_every and step % c.eval_every == 0:
@@ -273,6 +277,8 @@ class Trainer:
                 if checkpointer is not None:
                     checkpointer.save(step, state, data_iter=data_iter, config=c,
                                       force=stop or step == c.steps)
+                for hook in hooks:
+                    hook(step, state, metrics)
                 if stop:
                     log.warning("stopping at step %d on a signal", step)
                     break
