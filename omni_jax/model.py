@@ -4,7 +4,9 @@ Batch (all static shapes, jit-friendly):
   input_ids [batch, seq] int, modality [batch, seq] int (0 text, 1 image, 2 video, 3 audio;
   data.template's codes), optional segment_ids / positions [batch, seq];
   image [n_img, H, W, 3] float (SigLIP-normalized), video [n_vid, frames, H, W, 3],
-  audio [n_aud, n_mels, mel_frames] (Whisper log-mel).
+  audio [n_aud, n_mels, mel_frames] (Whisper log-mel), or with a chunked ("ola_audio") tower
+  audio [n_aud, num_chunks, n_mels, mel_frames] plus, when it has BEATs,
+  audio_wave [n_aud, num_chunks, chunk_samples] (the 16 kHz chunk waveforms, same item order).
 Placeholders of a modality are filled in order: the k-th placeholder position of the batch
 (row-major) takes row k of that modality's [n_items * tokens_per_item, D] embeddings, so media
 arrays list items in the order they appear. Unused trailing items (padding) are ignored.
@@ -22,12 +24,15 @@ import numpy as np
 
 from omni_jax.llm.decoder import Decoder
 from omni_jax.omni_config import (
+    CHUNKED_ENCODERS,
     MODALITIES,
     MODALITY_CODE,
     OmniConfig,
     adapter_classes,
     encoder_classes,
 )
+
+AUDIO_WAVE = "audio_wave"  # batch key of the chunk waveforms of a chunked audio tower (BEATs)
 
 
 def _adapter(config: OmniConfig, modality: str, name: str | None = None) -> nn.Module:
@@ -41,8 +46,10 @@ def tokens_per_item(config: OmniConfig, modality: str) -> int:
     t = getattr(config, modality)
     if t is None:
         raise ValueError(f"this model has no {modality} tower")
-    if modality == "audio":  # Whisper halves the mel frames; one chunk per item
-        return t.adapter_config.num_tokens(t.num_frames // 2, 1)
+    if modality == "audio":
+        if t.encoder in CHUNKED_ENCODERS:  # rows per chunk after Whisper/BEATs alignment
+            return t.adapter_config.num_tokens(t.encoder_config.num_frames, t.num_chunks)
+        return t.adapter_config.num_tokens(t.num_frames // 2, 1)  # Whisper halves mel frames
     adapter = _adapter(config, modality)
     grid = config.encoder_config(modality).grid(*t.image_size)
     if modality == "image":
@@ -50,6 +57,51 @@ def tokens_per_item(config: OmniConfig, modality: str) -> int:
     if hasattr(adapter, "video_num_tokens"):
         return adapter.video_num_tokens(t.num_frames, *grid)
     return t.num_frames * adapter.num_tokens(*grid)
+
+
+def uses_audio_wave(config: OmniConfig) -> bool:
+    """Whether audio items come with chunk waveforms (`audio_wave`): a chunked tower with BEATs."""
+    t = config.audio
+    return t is not None and t.encoder in CHUNKED_ENCODERS and t.encoder_config.beats is not None
+
+
+def media_shapes(config: OmniConfig) -> dict[str, tuple[int, ...]]:
+    """Per-item shape of every media array the batch carries for this model (batch key ->
+    shape without the leading item axis): image, video, audio (+ audio_wave)."""
+    out: dict[str, tuple[int, ...]] = {}
+    if config.image is not None:
+        out["image"] = (*config.image.image_size, 3)
+    if config.video is not None:
+        out["video"] = (config.video.num_frames, *config.video.image_size, 3)
+    t = config.audio
+    if t is not None:
+        enc = config.encoder_config("audio")
+        if t.encoder in CHUNKED_ENCODERS:
+            out["audio"] = (t.num_chunks, enc.whisper.num_mel_bins, t.num_frames)
+            if uses_audio_wave(config):
+                out[AUDIO_WAVE] = (t.num_chunks, t.encoder_config.chunk_samples)
+        else:
+            out["audio"] = (enc.num_mel_bins, t.num_frames)
+    return out
+
+
+def _check_audio(config: OmniConfig, batch: Mapping[str, Any]) -> None:
+    audio, wave = batch.get("audio"), batch.get(AUDIO_WAVE)
+    if wave is not None and not uses_audio_wave(config):
+        raise ValueError(f"batch has '{AUDIO_WAVE}' but the model's audio tower takes no "
+                         "waveforms (only an 'ola_audio' tower with BEATs does)")
+    if audio is None or config.audio is None:
+        return
+    shapes = media_shapes(config)
+    if tuple(np.shape(audio)[1:]) != shapes["audio"]:
+        raise ValueError(f"audio must be [n, {', '.join(map(str, shapes['audio']))}] "
+                         f"({config.audio.encoder} tower), got {tuple(np.shape(audio))}")
+    if uses_audio_wave(config):
+        want = (np.shape(audio)[0], *shapes[AUDIO_WAVE])
+        if wave is None or tuple(np.shape(wave)) != want:
+            got = None if wave is None else tuple(np.shape(wave))
+            raise ValueError(f"the BEATs branch needs '{AUDIO_WAVE}' [n, chunks, samples] = "
+                             f"{want} next to audio, got {got}")
 
 
 def check_batch(config: OmniConfig, batch: Mapping[str, Any]) -> None:
@@ -77,6 +129,7 @@ def check_batch(config: OmniConfig, batch: Mapping[str, Any]) -> None:
         if count % per or count > n * per:
             raise ValueError(f"batch has {count} {m} placeholder positions, which is not a whole "
                              f"number of items of {per} tokens within the {n} {m} items given")
+    _check_audio(config, batch)
 
 
 class OmniModel(nn.Module):
@@ -91,6 +144,10 @@ class OmniModel(nn.Module):
             t = getattr(c, m)
             if t is not None and t.shared_with is None:
                 _, enc_cls = encoder_classes(t.encoder)
+                if t.encoder in CHUNKED_ENCODERS:  # per item [chunks, ...]; shared weights
+                    enc_cls = nn.vmap(enc_cls, in_axes=0, out_axes=0,
+                                      variable_axes={"params": None},
+                                      split_rngs={"params": False})
                 setattr(self, f"{m}_encoder", enc_cls(t.encoder_config, name=f"{m}_encoder"))
             if t is not None:
                 setattr(self, f"{m}_adapter", _adapter(c, m, f"{m}_adapter"))
@@ -117,11 +174,22 @@ class OmniModel(nn.Module):
         return self._encoder(modality)(flat), self.config.encoder_config(modality).grid(
             *t.image_size)
 
-    def encode(self, modality: str, media: jax.Array) -> jax.Array:
-        """Media items -> [n_items, tokens_per_item, D] LLM-space embeddings."""
+    def audio_features(self, mel: jax.Array, wave: jax.Array | None = None) -> jax.Array:
+        """Chunked tower: mel [n, chunks, n_mels, frames] (+ wave [n, chunks, samples]) ->
+        [n, chunks, rows, C] encoder features, [whisper | beats] channels, what the adapter sees."""
+        _check_audio(self.config, {"audio": mel, AUDIO_WAVE: wave})
+        return self.audio_encoder(mel, wave)["features"]
+
+    def encode(self, modality: str, media: jax.Array, wave: jax.Array | None = None) -> jax.Array:
+        """Media items -> [n_items, tokens_per_item, D] LLM-space embeddings (`wave`: the
+        audio_wave array of a chunked audio tower with BEATs)."""
         adapter = getattr(self, f"{modality}_adapter")
         if modality == "audio":
             t = self.config.audio
+            if t.encoder in CHUNKED_ENCODERS:  # Ola: per-chunk rows + newline per chunk
+                return adapter(self.audio_features(media, wave))
+            if wave is not None:
+                _check_audio(self.config, {AUDIO_WAVE: wave})
             if media.ndim != 3 or media.shape[-1] != t.num_frames:
                 raise ValueError(f"audio must be [n, n_mels, {t.num_frames}] log-mel, got "
                                  f"{tuple(media.shape)}")
@@ -146,7 +214,8 @@ class OmniModel(nn.Module):
                 raise ValueError(f"batch has {m} inputs but the model has no {m} tower")
             if batch.get("modality") is None:
                 raise ValueError(f"batch has {m} inputs but no 'modality' array marking where")
-            rows = self.encode(m, batch[m]).astype(x.dtype)
+            wave = batch.get(AUDIO_WAVE) if m == "audio" else None
+            rows = self.encode(m, batch[m], wave).astype(x.dtype)
             rows = rows.reshape(-1, rows.shape[-1])  # [n_items * tokens, D]
             is_m = batch["modality"] == MODALITY_CODE[m]  # [batch, seq]
             rank = jnp.cumsum(is_m.reshape(-1)).reshape(is_m.shape) - 1

@@ -9,6 +9,15 @@ A config dict (e.g. from configs/models/*.py) looks like
    "audio": {"encoder": "whisper", "encoder_config": {...}, "adapter": "speech",
              "adapter_config": {...}, "num_frames": 3000},
    "highway": {...HighwayConfig...}}            # any modality may be absent (text-only works)
+
+Ola's dual-encoder, multi-chunk audio tower instead of plain Whisper:
+   "audio": {"encoder": "ola_audio",
+             "encoder_config": {"whisper": {...}, "beats": {...} | None, "chunk_seconds": 30,
+                                "max_chunks": 25, "align": "max"},   # OlaAudioConfig
+             "adapter": "speech", "adapter_config": {...}, "num_chunks": 2}
+  Each audio item is then `num_chunks` chunks: audio [n, num_chunks, n_mels, mel_frames] (+
+  audio_wave [n, num_chunks, chunk_samples] when BEATs is configured); num_frames (mel frames
+  per chunk) is derived from the encoder config (given, it must agree).
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ ENCODERS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "siglip": ("omni_jax.encoders.vision", "SiglipVisionConfig", "SiglipVisionEncoder",
                ("image", "video")),
     "whisper": ("omni_jax.encoders.audio", "WhisperEncoderConfig", "WhisperEncoder", ("audio",)),
+    "ola_audio": ("omni_jax.encoders.audio_path", "OlaAudioConfig", "OlaAudioEncoder", ("audio",)),
 }
+CHUNKED_ENCODERS = ("ola_audio",)  # audio items of a static number of chunks (see num_chunks)
 AUDIO_ADAPTERS = ("speech",)
 
 
@@ -63,7 +74,34 @@ class TowerConfig:
     encoder_config: Any = None  # encoder's config dataclass (None when shared)
     adapter_config: Any = None  # adapter's config dataclass
     image_size: tuple[int, int] | None = None  # (height, width) for image / video
-    num_frames: int | None = None  # video frames per item, or mel frames per audio item
+    num_frames: int | None = None  # video frames per item, or mel frames per audio item/chunk
+    num_chunks: int | None = None  # chunked audio encoders only: chunks per item (static)
+
+    def __post_init__(self) -> None:
+        where = f"{self.modality} tower"
+        if self.encoder not in CHUNKED_ENCODERS:
+            if self.num_chunks is not None:
+                raise ValueError(f"{where}: num_chunks is only for the chunked audio encoders "
+                                 f"{CHUNKED_ENCODERS}, not {self.encoder!r} (one window per item)")
+            return
+        c = self.encoder_config
+        if self.num_chunks is None or not 1 <= self.num_chunks <= c.max_chunks:
+            raise ValueError(f"{where}: encoder {self.encoder!r} needs num_chunks (chunks per "
+                             f"item) in [1, max_chunks={c.max_chunks}], got {self.num_chunks!r}")
+        if self.num_frames != c.mel_frames:
+            raise ValueError(f"{where}: num_frames={self.num_frames} but a "
+                             f"{c.chunk_seconds} s chunk gives {c.mel_frames} mel frames; omit "
+                             f"num_frames or make them agree")
+        if c.mask_padding:
+            raise ValueError(f"{where}: mask_padding=True is not supported here (the batch "
+                             f"carries no per-chunk lengths; short items are padded with silence "
+                             f"chunks); set mask_padding=False")
+
+    @property
+    def audio_dim(self) -> int:
+        """Channels the audio adapter sees (Whisper width, + BEATs width for ola_audio)."""
+        c = self.encoder_config
+        return c.out_dim if self.encoder in CHUNKED_ENCODERS else c.d_model
 
     @property
     def shared_with(self) -> str | None:
@@ -73,7 +111,7 @@ class TowerConfig:
     def from_dict(cls, modality: str, d: Mapping[str, Any]) -> TowerConfig:
         d = dict(d)
         known = {"encoder", "encoder_config", "adapter", "adapter_config", "image_size",
-                 "num_frames"}
+                 "num_frames", "num_chunks"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{modality} tower: unknown keys {unknown}; expected a subset of "
@@ -93,9 +131,13 @@ class TowerConfig:
         for key, value in fixed.items():
             a_cfg.setdefault(key, value)
         size = d.get("image_size")
+        frames, chunks = d.get("num_frames"), d.get("num_chunks")
+        if enc in CHUNKED_ENCODERS and frames is None:
+            frames = enc_cfg.mel_frames
         return cls(modality, enc, d["adapter"], enc_cfg, a_cfg_cls.from_dict(a_cfg),
                    None if size is None else (int(size[0]), int(size[1])),
-                   None if d.get("num_frames") is None else int(d["num_frames"]))
+                   None if frames is None else int(frames),
+                   None if chunks is None else int(chunks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +168,11 @@ class OmniConfig:
                 raise ValueError(f"{m} tower needs image_size [height, width]")
             if m in ("video", "audio") and not t.num_frames:
                 raise ValueError(f"{m} tower needs num_frames > 0")
+            in_dim = getattr(t.adapter_config, "in_dim", None)
+            if m == "audio" and t.shared_with is None and in_dim is not None \
+                    and in_dim != t.audio_dim:
+                raise ValueError(f"audio adapter in_dim={in_dim} must equal the {t.encoder} "
+                                 f"encoder's output channels {t.audio_dim}")
         if self.highway is not None and self.image is None and self.video is None:
             raise ValueError("the visual highway needs an image or video tower")
 

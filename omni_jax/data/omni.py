@@ -6,6 +6,15 @@ A record (see data.fixtures) is {"messages": [...ChatML parts...], "images": [re
 arrays (input_ids, loss_mask, modality, item_index) plus one float array per present modality:
 image [n, H, W, 3], video [n, frames, H, W, 3], audio [n, n_mels, mel_frames], each at the
 static shape the model's tower expects, so placeholders expand to `tokens_per_item`.
+
+Chunked ("ola_audio") audio tower: each clip is cut into chunk_seconds pieces (last one
+zero-padded; more than the encoder's max_chunks: the rest dropped, as Ola's loader), each chunk
+gets its own Whisper log-mel (per-chunk normalization, as Ola), giving audio
+[n, num_chunks, n_mels, mel_frames] (+ audio_wave [n, num_chunks, chunk_samples] with BEATs).
+A clip with fewer chunks than the tower's static num_chunks is padded with silence chunks (zero
+samples; their tokens are real, unmasked LLM inputs, so the token count per item stays fixed); a
+clip with more chunks (after the max_chunks cap) is a ValueError: raise num_chunks up to
+max_chunks, and with num_chunks == max_chunks long clips are truncated instead.
 """
 
 from __future__ import annotations
@@ -21,8 +30,9 @@ from omni_jax.data.features import video as vfeat
 from omni_jax.data.features.config import AudioConfig, ImageConfig
 from omni_jax.data.sources import read_media
 from omni_jax.data.template import ChatTemplate
-from omni_jax.model import tokens_per_item
-from omni_jax.omni_config import MODALITIES, OmniConfig
+from omni_jax.encoders.audio_path import chunk_waveform
+from omni_jax.model import AUDIO_WAVE, media_shapes, tokens_per_item, uses_audio_wave
+from omni_jax.omni_config import CHUNKED_ENCODERS, MODALITIES, OmniConfig
 
 RECORD_KEYS = {"image": "images", "video": "videos", "audio": "audios"}
 
@@ -50,10 +60,38 @@ class OmniEncoder:
         self.audio_cfg = audio
         if config.audio is not None:
             self.audio_cfg = (audio or AudioConfig()).replace(pad_to_chunk=True)
-            if self.audio_cfg.n_frames != config.audio.num_frames:
+            if config.audio.encoder in CHUNKED_ENCODERS:
+                self._check_chunked(self.audio_cfg)
+            elif self.audio_cfg.n_frames != config.audio.num_frames:
                 raise ValueError(f"OmniEncoder: audio features give {self.audio_cfg.n_frames} mel "
                                  f"frames per clip but the audio tower expects "
                                  f"{config.audio.num_frames}; set AudioConfig.chunk_seconds")
+
+    def _check_chunked(self, a: AudioConfig) -> None:
+        t = self.config.audio
+        c = t.encoder_config
+        got = (a.n_samples, a.sampling_rate, a.hop_length, a.n_mels)
+        want = (c.chunk_samples, c.sample_rate, c.mel_hop_length, c.whisper.num_mel_bins)
+        if got != want:
+            raise ValueError(f"OmniEncoder: audio features (chunk samples, sampling_rate, "
+                             f"hop_length, n_mels) = {got} but the {t.encoder} tower expects "
+                             f"{want}; set AudioConfig.chunk_seconds={c.chunk_seconds:g} and "
+                             f"n_mels={c.whisper.num_mel_bins}")
+
+    def audio_chunks(self, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Chunked tower: waveform [samples] -> (log-mel [num_chunks, n_mels, frames], chunk
+        waveforms [num_chunks, chunk_samples]), silence-padded to num_chunks (module doc)."""
+        t = self.config.audio
+        chunks, _ = chunk_waveform(wave, t.encoder_config)  # capped at max_chunks
+        if chunks.shape[0] > t.num_chunks:
+            raise ValueError(f"audio item of {wave.shape[0] / self.audio_cfg.sampling_rate:.2f} "
+                             f"s gives {chunks.shape[0]} chunks of "
+                             f"{t.encoder_config.chunk_seconds:g} s but the audio tower takes "
+                             f"num_chunks={t.num_chunks}; raise num_chunks (<= max_chunks="
+                             f"{t.encoder_config.max_chunks}) or trim the clip")
+        chunks = np.pad(chunks, ((0, t.num_chunks - chunks.shape[0]), (0, 0)))
+        mel, _ = afeat.log_mel_batch(chunks, self.audio_cfg)  # per-chunk normalization
+        return mel, chunks
 
     def _pixels(self, images: Sequence[np.ndarray], size: int) -> np.ndarray:
         return ifeat.preprocess(images, self.image_cfg.replace(image_size=size), num_threads=1)
@@ -91,33 +129,38 @@ class OmniEncoder:
                 out[m] = np.stack([self._video(r) for r in refs])
             else:
                 waves = [afeat.decode_audio(read_media(r), self.audio_cfg) for r in refs]
-                out[m], _ = afeat.log_mel_batch(waves, self.audio_cfg)
+                if self.config.audio.encoder not in CHUNKED_ENCODERS:
+                    out[m], _ = afeat.log_mel_batch(waves, self.audio_cfg)
+                    continue
+                mels, chunks = zip(*(self.audio_chunks(w) for w in waves))
+                out[m] = np.stack(mels)
+                if uses_audio_wave(self.config):
+                    out[AUDIO_WAVE] = np.stack(chunks)
         return out
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if "messages" not in record:
             raise ValueError(f"record has no 'messages'; keys: {sorted(record)}")
         media = self.media(record)
-        counts = {m: [self.counts[m]] * len(v) for m, v in media.items()}
+        counts = {m: [self.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
         example = self.template.encode(record["messages"], media_token_counts=counts)
         return {**example.to_dict(), **media}
 
 
 def media_spec(config: OmniConfig, max_items: Mapping[str, int],
                audio: AudioConfig | None = None) -> dict[str, dict[str, Any]]:
-    """DataConfig.media for this model: {modality: {"max_items", "shape"}} per configured tower;
-    max_items gives the per-batch item budget of each modality (missing ones default to 1)."""
-    shapes = {}
-    if config.image is not None:
-        shapes["image"] = (*config.image.image_size, 3)
-    if config.video is not None:
-        shapes["video"] = (config.video.num_frames, *config.video.image_size, 3)
-    if config.audio is not None:
-        n_mels = (audio or AudioConfig()).n_mels
-        shapes["audio"] = (n_mels, config.audio.num_frames)
-    unknown = sorted(set(max_items) - set(shapes))
+    """DataConfig.media for this model: {key: {"max_items", "shape"}} per batch media key
+    (model.media_shapes); max_items gives the per-batch item budget of each modality (missing
+    ones default to 1; audio_wave shares the audio budget). `audio` sets n_mels of a plain
+    Whisper tower (a chunked tower takes its own encoder's)."""
+    shapes = media_shapes(config)
+    if config.audio is not None and config.audio.encoder not in CHUNKED_ENCODERS:
+        shapes["audio"] = ((audio or AudioConfig()).n_mels, config.audio.num_frames)
+    unknown = sorted(set(max_items) - set(MODALITIES).intersection(shapes))
     if unknown:
         raise ValueError(f"media_spec: max_items names {unknown}, which the model has no tower "
-                         f"for; towers: {sorted(shapes)}")
-    return {m: {"max_items": int(max_items.get(m, 1)), "shape": list(s)}
+                         f"for; towers: {sorted(set(MODALITIES).intersection(shapes))}")
+    budget = dict(max_items)
+    budget.setdefault(AUDIO_WAVE, budget.get("audio", 1))
+    return {m: {"max_items": int(budget.get(m, 1)), "shape": list(s)}
             for m, s in shapes.items()}

@@ -13,7 +13,8 @@ padding), plus the extra per-token keys. Padding is pad_id in input_ids, pad_val
 keys named there (e.g. {"item_index": -1}) and 0 elsewhere.
 
 Media: an example may also carry per-item float arrays under MEDIA_KEYS (image [n, H, W, 3],
-video [n, F, H, W, 3], audio [n, mels, frames]); they pass through shifting untouched, and a
+video [n, F, H, W, 3], audio [n, mels, frames] or chunked [n, chunks, mels, frames], audio_wave
+[n, chunks, samples] for a BEATs audio tower); they pass through shifting untouched, and a
 batch stacks them in layout order (row-major, left to right: the order in which the model
 fills placeholders), zero-padded to a static `media` spec {key: (max_items, item_shape)}.
 """
@@ -25,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 REQUIRED_KEYS = ("input_ids", "loss_mask")
-MEDIA_KEYS = ("image", "video", "audio")
+MEDIA_KEYS = ("image", "video", "audio", "audio_wave")
 MediaSpec = Mapping[str, tuple[int, tuple[int, ...]]]  # key -> (max_items, item shape)
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
