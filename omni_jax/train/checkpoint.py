@@ -8,6 +8,7 @@ replaces or corrupts an existing step; the manager also refuses to save a step t
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,45 @@ def _iterator_state(it: Any) -> dict[str, Any]:
 
 def _set_iterator_state(it: Any, saved: Mapping[str, Any]) -> None:
     it.set_state(base64.b64decode(saved["bytes"]) if "bytes" in saved else saved["state"])
+
+
+class IteratorStateHandler(ocp.CheckpointHandler):
+    """Writes each process's data-iterator state (already captured as JSON-able dict) to
+    process_<i>-of-<n>.json, like grain's handler, so every host resumes its own stream."""
+
+    def _file(self, directory: Any) -> Any:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory: Any, args: IteratorStateSave) -> None:
+        self._file(directory).write_text(json.dumps(args.state))
+
+    def restore(self, directory: Any, args: IteratorStateRestore | None = None) -> Any:
+        path = self._file(directory)
+        if not path.exists():
+            raise ValueError(f"no data iterator state {path} (saved with a different process "
+                             f"count?)")
+        return json.loads(path.read_text())
+
+    def metadata(self, directory: Any) -> None:
+        return None
+
+    def finalize(self, directory: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorStateRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def _jsonable(config: Any) -> dict[str, Any]:
@@ -69,7 +109,8 @@ class Checkpointer:
             return False
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
-            items["data"] = ocp.args.JsonSave(_iterator_state(data_iter))
+            # captured now, so the async write cannot see a later position
+            items["data"] = IteratorStateSave(_iterator_state(data_iter))
         if config is not None:
             items["config"] = ocp.args.JsonSave(_jsonable(config))
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -85,7 +126,7 @@ class Checkpointer:
             raise ValueError(f"Checkpointer: no checkpoint in {self.directory}")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
-            items["data"] = ocp.args.JsonRestore()
+            items["data"] = IteratorStateRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         if data_iter is not None:
             _set_iterator_state(data_iter, out["data"])

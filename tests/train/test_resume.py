@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from omni_jax.train.checkpoint import Checkpointer
+from omni_jax.train.checkpoint import Checkpointer, IteratorStateRestore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -87,7 +87,7 @@ def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path, env):
     try:
         assert ckpt.latest_step() == last  # saved although last % every != 0
         saved = ckpt.manager.restore(last, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(), data=IteratorStateRestore()))
     finally:
         ckpt.close()
     final = np.load(tmp_path / "final.npz")
