@@ -318,8 +318,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
     first = order.index(stage) if stage is not None else 0
     last = first + 1 if stage is not None else len(order)
     if first > 0 and not stage_finished(workdir, plans[first - 1]):
-        raise ValueError(f"stage {stage!r} starts from stage {order[first - 1]!r}'s final "
-                         f"parameters, but that stage has not finished in {workdir}; run it "
+        raise ValueError(f"stage {stage!r} starts from the final parameters of stage "
+                         f"{order[first - 1]!r}, which has not finished in {workdir}; run it "
                          f"first (or run without --stage)")
     status, params = {}, None
     for i in range(first, last):
@@ -373,7 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        FLAGS(_resolve_argv(argv))
+        argv = _resolve_argv(argv)
+        sys.argv = argv  # config_flags finds the --config.* overrides to define in sys.argv
+        FLAGS(argv)
         if FLAGS.config is None or not FLAGS.workdir:
             raise ValueError("--config and --workdir are required")
         maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
