@@ -125,7 +125,9 @@ class TowerConfig:
             if modality not in ENCODERS[enc][3]:
                 raise ValueError(f"{modality} tower: encoder {enc!r} serves "
                                  f"{ENCODERS[enc][3]}, not {modality!r}")
-            enc_cfg = cfg_cls.from_dict(d.get("encoder_config") or {})
+            raw = d.get("encoder_config") or {}
+            raw = raw.to_dict() if hasattr(raw, "to_dict") else raw  # ConfigDict: nested dicts
+            enc_cfg = cfg_cls.from_dict(raw)
         a_cfg_cls, _, fixed = adapter_classes(d["adapter"])
         a_cfg = dict(d.get("adapter_config") or {})
         for key, value in fixed.items():

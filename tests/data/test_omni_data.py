@@ -1,19 +1,22 @@
 """Omni records -> examples with media -> packed batches whose media follow the layout order."""
 
+import io
 import json
 
 import jax
 import numpy as np
 import pytest
+import soundfile as sf
 
 from omni_jax.data import packing
+from omni_jax.data.features import audio as afeat
 from omni_jax.data.features.config import AudioConfig
 from omni_jax.data.fixtures import make_fixtures
 from omni_jax.data.omni import OmniEncoder, media_spec
 from omni_jax.data.pipeline import make_dataset
 from omni_jax.data.template import ChatTemplate
 from omni_jax.data.tokenizer import TokenizerConfig, load_tokenizer, train_sentencepiece
-from omni_jax.model import OmniModel, check_batch, tokens_per_item
+from omni_jax.model import AUDIO_WAVE, OmniModel, check_batch, tokens_per_item
 from omni_jax.omni_config import OmniConfig
 
 D = 32
@@ -123,3 +126,79 @@ def test_pipeline_end_to_end_and_budget_errors(setup):
     with pytest.raises(ValueError, match="model has no image tower"):
         OmniEncoder(OmniConfig.from_dict({"llm": CONFIG["llm"]}), enc.template)(
             records["image_caption"][0])
+
+
+# Ola's chunked dual-encoder audio tower: 1 s chunks (100 mel frames), 3 chunks per item
+OLA_AUDIO = dict(
+    encoder="ola_audio", adapter="speech", num_chunks=3,
+    encoder_config=dict(whisper=CONFIG["audio"]["encoder_config"], chunk_seconds=1, max_chunks=3,
+                        beats=dict(embed_dim=8, encoder_embed_dim=8, encoder_layers=1,
+                                   encoder_attention_heads=2, encoder_ffn_embed_dim=16,
+                                   conv_pos=4, conv_pos_groups=2)),
+    adapter_config=dict(in_dim=16 + 8, out_dim=D, hidden_dim=32, stack=10))
+
+
+def wav_record(seconds, seed):
+    """A speech_asr-like record with an inline WAV of `seconds` seconds; returns the waveform."""
+    wave = (np.random.default_rng(seed).normal(size=int(16000 * seconds)) * 0.1).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, wave, 16000, format="WAV", subtype="FLOAT")
+    msgs = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "what"}]},
+            {"role": "assistant", "content": "a sound"}]
+    return {"messages": msgs, "audios": [buf.getvalue()]}, wave
+
+
+def test_long_audio_chunks_through_encoder_batch_and_model(setup):
+    cfg_plain, enc_plain, _, _ = setup
+    cfg = OmniConfig.from_dict({"llm": CONFIG["llm"], "audio": OLA_AUDIO})
+    enc = OmniEncoder(cfg, enc_plain.template, audio=AUDIO)
+    (rec, wave), (short, swave) = wav_record(2.5, 0), wav_record(1.2, 1)
+    ex = enc(rec)
+    per = tokens_per_item(cfg, "audio")
+    assert per == 1 + 3 * (50 // 10 + 1) + 1
+    assert int(np.sum(ex["modality"] == 3)) == per
+    assert ex["audio"].shape == (1, 3, 80, 100) and ex[AUDIO_WAVE].shape == (1, 3, 16000)
+    for k in range(3):  # each chunk: its own samples, zero-padded, and its own log-mel
+        piece = wave[k * 16000:(k + 1) * 16000]
+        np.testing.assert_array_equal(ex[AUDIO_WAVE][0, k, :len(piece)], piece)
+        assert not ex[AUDIO_WAVE][0, k, len(piece):].any()
+        np.testing.assert_allclose(ex["audio"][0, k], afeat.log_mel(piece, AUDIO), atol=1e-5)
+    sx = enc(short)  # 2 chunks + a silence chunk: same token count
+    assert int(np.sum(sx["modality"] == 3)) == per and not sx[AUDIO_WAVE][0, 2].any()
+    np.testing.assert_allclose(sx["audio"][0, 2], afeat.log_mel(np.zeros(16000, np.float32),
+                                                                 AUDIO), atol=1e-6)
+    np.testing.assert_array_equal(sx[AUDIO_WAVE][0, 1, :3200], swave[16000:])
+    # a 4.5 s clip: 5 chunks, cut to max_chunks=3 as Ola's loader does
+    np.testing.assert_array_equal(enc(wav_record(4.5, 2)[0])[AUDIO_WAVE][0].reshape(-1),
+                                  wav_record(4.5, 2)[1][:48000])
+    spec = {m: (v["max_items"], tuple(v["shape"]))
+            for m, v in media_spec(cfg, {"audio": 2}, AUDIO).items()}
+    assert spec == {"audio": (2, (3, 80, 100)), AUDIO_WAVE: (2, (3, 16000))}
+    examples = [packing.shift_example(e) for e in (ex, sx)]
+    (batch,) = packing.pack_examples(examples, batch_size=2, seq_len=64, media=spec)
+    np.testing.assert_array_equal(batch[AUDIO_WAVE][:2], np.concatenate(
+        [ex[AUDIO_WAVE], sx[AUDIO_WAVE]]))  # layout order
+    check_batch(cfg, batch)
+    model = OmniModel(cfg)
+    jb = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    params = jax.jit(model.init)(jax.random.key(0), jb)
+    x, logits, emb = jax.jit(lambda p, b: model.apply(p, b, method=lambda m, b: (
+        m.embed_inputs(b), m(b)["logits"], m.encode("audio", b["audio"], b[AUDIO_WAVE]))))(
+        params, jb)
+    mod = batch["modality"]
+    np.testing.assert_allclose(np.asarray(x)[mod == 3], np.asarray(emb).reshape(-1, D),
+                               atol=1e-5)
+    assert logits.shape == (2, 64, 512) and bool(np.isfinite(np.asarray(logits)).all())
+
+
+def test_chunked_audio_errors(setup):
+    template = setup[1].template
+    two = OmniConfig.from_dict({"llm": CONFIG["llm"], "audio": dict(OLA_AUDIO, num_chunks=2)})
+    with pytest.raises(ValueError, match=r"audio item of 2.50 s gives 3 chunks of 1 s but the "
+                                         r"audio tower takes num_chunks=2"):
+        OmniEncoder(two, template, audio=AUDIO)(wav_record(2.5, 0)[0])
+    with pytest.raises(ValueError, match=r"expects \(16000, 16000, 160, 80\); set "
+                                         r"AudioConfig.chunk_seconds=1 and n_mels=80"):
+        OmniEncoder(two, template, audio=AudioConfig(chunk_seconds=2))
+    with pytest.raises(ValueError, match=r"n_mels=80"):
+        OmniEncoder(two, template, audio=AudioConfig(chunk_seconds=1, n_mels=128))
