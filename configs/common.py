@@ -10,7 +10,6 @@ A recipe is an ml_collections ConfigDict:
 from __future__ import annotations
 
 import importlib.util
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,12 +62,13 @@ def load_model(name: str, flavor: str = "mlp") -> ConfigDict:
 
 
 def towers(flavor: str, width: int, *, siglip: Mapping[str, Any], whisper: Mapping[str, Any],
-           sizes: Mapping[str, Any]) -> dict[str, Any]:
+           sizes: Mapping[str, Any], beats: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """image / video / audio (/ highway) tower dicts of one system's flavor for an LLM `width`.
 
     sizes: image_size (SigLIP default input side), ola_image_size, capybara_image_size,
     openomni_vit (a dict overriding siglip for the CLIP-L-sized tower), video_frames,
-    audio_frames, speech_hidden, ovis_vocab, highway_dim.
+    audio_frames (mel frames per 30 s-style chunk), audio_chunks (Ola: chunks per item),
+    speech_hidden, ovis_vocab, highway_dim. beats: the BEATs config of Ola's dual audio tower.
     """
     choose("model flavor", flavor, FLAVORS)
     siglip = dict(siglip)
@@ -111,8 +111,16 @@ def towers(flavor: str, width: int, *, siglip: Mapping[str, Any], whisper: Mappi
         out["video"] = {"encoder": "shared:image", "adapter": video_adapter,
                         "adapter_config": adapter_config, "image_size": [side, side],
                         "num_frames": sizes["video_frames"]}
-    out["audio"] = {"encoder": "whisper", "encoder_config": dict(whisper), "adapter": "speech",
-                    "adapter_config": speech, "num_frames": sizes["audio_frames"]}
+    if flavor == "ola":  # Whisper ++ BEATs on channels, chunked audio (newline per chunk)
+        speech["in_dim"] = whisper["d_model"] + beats["encoder_embed_dim"]
+        out["audio"] = {"encoder": "ola_audio", "adapter": "speech", "adapter_config": speech,
+                        "encoder_config": {"whisper": dict(whisper), "beats": dict(beats),
+                                           "chunk_seconds": sizes["audio_frames"] / 100},
+                        "num_chunks": sizes["audio_chunks"], "num_frames": sizes["audio_frames"]}
+    else:
+        out["audio"] = {"encoder": "whisper", "encoder_config": dict(whisper),
+                        "adapter": "speech", "adapter_config": speech,
+                        "num_frames": sizes["audio_frames"]}
     if flavor == "xvila":  # visual embedding highway to the (later) visual decoder
         out["highway"] = {"out_dim": sizes["highway_dim"]}
     return out
@@ -207,10 +215,11 @@ def recipe(name: str, model_name: str, flavor: str, stage_order: Sequence[str],
     c.data_root = "data"  # relative source paths resolve against this directory
     c.tokenizer = {"path": "", "kind": "sentencepiece"}  # TokenizerConfig (path required)
     c.text_only = False  # True: drop media parts (LLM-only runs of any recipe)
-    c.audio_features = {"n_mels": c.model.audio.encoder_config.num_mel_bins
-                        if "audio" in c.model else 80,
-                        "chunk_seconds": math.ceil((c.model.audio.num_frames if "audio" in c.model
-                                                    else 3000) / 100)}
+    audio = c.model.get("audio")
+    mel = {} if audio is None else audio.encoder_config.get("whisper", audio.encoder_config)
+    # data.features AudioConfig: log-mel bins and clip length of the audio tower
+    c.audio_features = {"n_mels": mel.get("num_mel_bins", 80),
+                        "chunk_seconds": (audio.num_frames if audio else 3000) // 100}
     c.train = trainer_defaults()
     c.stage_order = tuple(stage_order)  # a tuple, so --config.stage_order='(a, b)' works
     c.stages = ml_collections.ConfigDict(dict(stages))

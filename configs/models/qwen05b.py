@@ -20,14 +20,18 @@ SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads
               image_size=384, patch_size=14, dtype="bfloat16")
 WHISPER = dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
                encoder_ffn_dim=5120, max_source_positions=1500, dtype="bfloat16")
+# BEATs_iter3 (Ola's second audio encoder, concatenated with Whisper on channels).
+BEATS = dict(embed_dim=512, encoder_embed_dim=768, encoder_layers=12, encoder_attention_heads=12,
+             encoder_ffn_embed_dim=3072, conv_pos=128, conv_pos_groups=16, dtype="bfloat16")
 # CLIP ViT-L/14-336-sized tower for OpenOmni (our SigLIP block, CLIP's sizes).
 CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
               image_size=336, patch_size=14)
 SIZES = dict(image_size=384, ola_image_size=384, capybara_image_size=448, openomni_vit=CLIP_L,
-             video_frames=16, audio_frames=3000, speech_hidden=2048, ovis_vocab=65536,
-             highway_dim=1024)
+             video_frames=16, audio_frames=3000, audio_chunks=1, speech_hidden=2048,
+             ovis_vocab=65536, highway_dim=1024)
 
 
 def get_config(flavor: str | None = None) -> ConfigDict:
     return ConfigDict({"llm": LLM, **common.towers(flavor or "mlp", WIDTH, siglip=SIGLIP,
-                                                   whisper=WHISPER, sizes=SIZES)})
+                                                   whisper=WHISPER, sizes=SIZES,
+                                                   beats=BEATS)})

@@ -21,4 +21,4 @@ LLM = dict(vocab_size=152064, hidden_size=WIDTH, intermediate_size=18944, num_la
 def get_config(flavor: str | None = None) -> ConfigDict:
     return ConfigDict({"llm": LLM, **common.towers(
         flavor or "mlp", WIDTH, siglip=qwen05b.SIGLIP, whisper=qwen05b.WHISPER,
-        sizes=qwen05b.SIZES)})
+        sizes=qwen05b.SIZES, beats=qwen05b.BEATS)})

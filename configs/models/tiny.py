@@ -18,12 +18,16 @@ SIGLIP = dict(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, i
               patch_size=8)
 WHISPER = dict(num_mel_bins=80, d_model=16, encoder_layers=2, encoder_attention_heads=2,
                encoder_ffn_dim=32, max_source_positions=50)
+BEATS = dict(embed_dim=16, encoder_embed_dim=16, encoder_layers=1, encoder_attention_heads=2,
+             encoder_ffn_embed_dim=32, conv_pos=4, conv_pos_groups=2)
 SIZES = dict(image_size=32, ola_image_size=32, capybara_image_size=32,
              openomni_vit=dict(image_size=32, patch_size=8), video_frames=2,
              audio_frames=100,  # 1 s of 10 ms mel frames; Whisper halves it to 50 positions
+             audio_chunks=1,
              speech_hidden=32, ovis_vocab=64, highway_dim=8)
 
 
 def get_config(flavor: str | None = None) -> ConfigDict:
     return ConfigDict({"llm": LLM, **common.towers(flavor or "mlp", WIDTH, siglip=SIGLIP,
-                                                   whisper=WHISPER, sizes=SIZES)})
+                                                   whisper=WHISPER, sizes=SIZES,
+                                                   beats=BEATS)})

@@ -15,25 +15,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omni_jax.model import OmniModel
+from omni_jax.model import AUDIO_WAVE, OmniModel, media_shapes
 from omni_jax.omni_config import MODALITIES, OmniConfig
 from omni_jax.train.model import Batch
 
-MODEL_KEYS = ("input_ids", "modality", "segment_ids", "positions", *MODALITIES)
+MODEL_KEYS = ("input_ids", "modality", "segment_ids", "positions", *MODALITIES, AUDIO_WAVE)
 
 
-def dummy_media(config: OmniConfig, n_mels: int | None = None) -> dict[str, jax.Array]:
-    """One zero item per configured modality, at the tower's static shape."""
-    out = {}
-    for m in ("image", "video"):
-        t = getattr(config, m)
-        if t is not None:
-            frames = (t.num_frames,) if m == "video" else ()
-            out[m] = jnp.zeros((1, *frames, *t.image_size, 3), jnp.float32)
-    if config.audio is not None:
-        mels = n_mels or config.encoder_config("audio").num_mel_bins
-        out["audio"] = jnp.zeros((1, mels, config.audio.num_frames), jnp.float32)
-    return out
+def dummy_media(config: OmniConfig) -> dict[str, jax.Array]:
+    """One zero item per media key of the model (model.media_shapes), at its static shape."""
+    return {k: jnp.zeros((1, *shape), jnp.float32) for k, shape in media_shapes(config).items()}
 
 
 def dedupe_axis_names(variables: Any) -> Any:
