@@ -221,6 +221,9 @@ def recipe(name: str, model_name: str, flavor: str, stage_order: Sequence[str],
     c.audio_features = {"n_mels": mel.get("num_mel_bins", 80),
                         "chunk_seconds": (audio.num_frames if audio else 3000) // 100}
     c.train = trainer_defaults()
+    # modules imported before the stages are checked: their @register_loss functions become
+    # loss names a stage may use (a stage with a new loss = this + the stage's `losses`)
+    c.loss_modules = ()
     c.stage_order = tuple(stage_order)  # a tuple, so --config.stage_order='(a, b)' works
     c.stages = ml_collections.ConfigDict(dict(stages))
     if model_name == "tiny":

@@ -210,3 +210,22 @@ def test_local_script_runs_the_cli_plan(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "recipe ovis (model tiny): 3 stages" in out.stdout
     assert "stages: s1=planned, s2=planned, s3=planned" in out.stdout
+
+
+def test_a_stage_with_a_new_loss_is_config_plus_a_registered_function(recipes, tmp_path,
+                                                                        monkeypatch):
+    (tmp_path / "my_losses.py").write_text(
+        "from omni_jax.train.losses import LOSSES, register_loss, next_token_ce\n"
+        "@register_loss('ce_twice')\n"
+        "def ce_twice(outputs, batch):\n"
+        "    loss, metrics = next_token_ce(outputs, batch)\n"
+        "    return 2.0 * loss, metrics\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config, model, _ = recipes["ovis"]
+    config = config.copy_and_resolve_references()
+    config.stages.s3.losses = {"ce": 1.0, "ce_twice": 0.5}
+    with pytest.raises(ValueError, match="unknown loss 'ce_twice'"):
+        make_plan(config, model, count_data=False)
+    config.loss_modules = ("my_losses",)
+    plan = make_plan(config, model, count_data=False)
+    assert dict(plan[-1].trainer_config.stage.losses) == {"ce": 1.0, "ce_twice": 0.5}

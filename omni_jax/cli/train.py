@@ -175,6 +175,8 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM, *, count_data: b
     """Validate every stage against the model's parameter tree (abstract init, no compute)."""
     from omni_jax.train.losses import make_objective
 
+    for name in config.get("loss_modules", ()):  # registers their losses
+        importlib.import_module(name)
     order = _stage_order(config)
     batch = {"input_ids": jax.ShapeDtypeStruct((1, 8), np.int32)}
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
