@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -40,3 +41,18 @@ def test_two_process_step_matches_single_process(tmp_path):
     np.testing.assert_allclose(mp["losses"], ref["losses"], rtol=1e-5)
     np.testing.assert_allclose(mp["params"], ref["params"], atol=1e-5)
     assert len(mp["params"]) > 10_000
+
+
+def test_distributed_settings_validated(monkeypatch):
+    from omni_jax.parallel.mesh import maybe_initialize_distributed
+
+    for k in ("COORDINATOR_ADDRESS", "NUM_PROCESSES", "PROCESS_ID"):
+        monkeypatch.delenv(f"OMNI_{k}", raising=False)
+        monkeypatch.delenv(f"JAX_{k}", raising=False)
+    monkeypatch.delenv("OMNI_DISTRIBUTED", raising=False)
+    assert maybe_initialize_distributed() is False  # single process: nothing to do
+    with pytest.raises(ValueError, match="need coordinator_address, num_processes and process_id"):
+        maybe_initialize_distributed("127.0.0.1:1234")
+    monkeypatch.setenv("OMNI_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match="process_id 5 not in \\[0, 2\\)"):
+        maybe_initialize_distributed("127.0.0.1:1234", process_id=5)

@@ -15,33 +15,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-@pytest.fixture(scope="module")
-def result():
+def test_sharded_step_matches_single_device_and_is_sharded():
+    """One subprocess (8 emulated devices) checks parity, shardings and the error messages."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_script.py")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_sharded_step_matches_single_device(result):
-    # params within 1e-5 is asserted inside the script (assert_params_close) before printing
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # parity: params within 1e-5 is asserted inside the script (assert_params_close)
     assert result["params_close"]
     for a, b in zip(result["losses"], result["ref_losses"]):
         assert abs(a - b) <= 1e-5 * abs(b)
-
-
-def test_params_and_optimizer_state_are_sharded(result):
+    # params and Adam moments are really split: [32, 64] over fsdp=2 x tensor=2
     assert result["gate_spec"] == "P('fsdp', 'tensor')"
-    assert result["gate_shard"] == [16, 32]  # [32, 64] split over fsdp=2, tensor=2
-    assert result["gate_devices"] == 8
+    assert result["gate_shard"] == [16, 32] and result["gate_devices"] == 8
     assert result["q_shard"] == [16, 2, 8]  # [32, 4 heads, 8] split over fsdp, tensor
     assert result["mu_gate_spec"] == result["gate_spec"]
     assert result["mu_gate_shard"] == [16, 32]
     assert result["batch_shard"] == [2, 16]  # global batch 8 over data*fsdp = 4
-
-
-def test_bad_mesh_and_batch_messages(result):
     err = result["errors"]
     assert "6 devices in total but there are 8 devices" in err["mesh"]
     assert "batch_size=6 is not divisible by the data parallelism 8" in err["batch"]

@@ -101,11 +101,6 @@ def test_freezing_state_and_lr_groups():
     np.testing.assert_allclose(d_mlp.max(), LR, rtol=1e-3)
 
 
-@pytest.fixture(scope="module")
-def big_batch_trainer():
-    return Trainer(parity_config(), tiny_model())
-
-
 def _two_steps(tr, params=None):
     state = tr.init_state(example_batch(8), params)
     out = []
@@ -115,34 +110,27 @@ def _two_steps(tr, params=None):
     return _host(state["params"]), out
 
 
-def test_grad_accumulation_equals_big_batch(big_batch_trainer):
-    ref_params, ref_metrics = _two_steps(big_batch_trainer)
-    params, metrics = _two_steps(Trainer(parity_config(grad_accum=4), tiny_model()))
+def _assert_same_steps(params, metrics, ref_params, ref_metrics):
     for m, r in zip(metrics, ref_metrics):
         for k in ("loss/total", "grad_norm", "ce/z_loss"):
             np.testing.assert_allclose(m[k], r[k], rtol=1e-5, err_msg=k)
     assert_params_close(params, ref_params, atol=1e-5)
+
+
+def test_step_variants_match_big_batch_step():
+    """Grad accumulation (4 micro-batches), remat + fused LM head, and the eval step all agree
+    with the plain big-batch step (one test so the reference compiles once)."""
+    ref = Trainer(parity_config(), tiny_model())
+    ref_params, ref_metrics = _two_steps(ref)
+    accum = Trainer(parity_config(grad_accum=4), tiny_model())
+    _assert_same_steps(*_two_steps(accum), ref_params, ref_metrics)
+    remat = Trainer(parity_config(), DecoderLM(tiny_llm(remat_policy="dots"), fused_head_chunk=4))
+    _assert_same_steps(*_two_steps(remat), ref_params, ref_metrics)
+    state = ref.init_state(example_batch(8))
+    ev = _host(ref.eval_step(state["params"], ref.shard(_batches(1)[0])))
+    np.testing.assert_allclose(ev["loss/total"], ref_metrics[0]["loss/total"], rtol=1e-6)
     with pytest.raises(ValueError, match="batch_size=8 is not divisible by grad_accum=3"):
         Trainer(tiny_config(grad_accum=3), tiny_model())
-
-
-def test_eval_step_matches_train_loss(big_batch_trainer):
-    tr = big_batch_trainer
-    state = tr.init_state(example_batch(8))
-    batch = tr.shard(_batches(1)[0])
-    ev = _host(tr.eval_step(state["params"], batch))
-    _, m = tr.train_step(state, batch)
-    np.testing.assert_allclose(ev["loss/total"], m["loss/total"], rtol=1e-6)
-
-
-def test_remat_and_fused_head_match_plain(big_batch_trainer):
-    ref_params, ref_metrics = _two_steps(big_batch_trainer)
-    tr = Trainer(parity_config(), DecoderLM(tiny_llm(remat_policy="dots"), fused_head_chunk=4))
-    params, metrics = _two_steps(tr)
-    for m, r in zip(metrics, ref_metrics):
-        np.testing.assert_allclose(m["loss/total"], r["loss/total"], rtol=1e-5)
-        np.testing.assert_allclose(m["grad_norm"], r["grad_norm"], rtol=1e-5)
-    assert_params_close(params, ref_params, atol=1e-5)
 
 
 def test_fit_bf16_loss_falls_tensorboard_checkpoint(tmp_path):
