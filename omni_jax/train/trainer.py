@@ -7,6 +7,7 @@ Settings come from a ConfigDict (see `default_config`); the model is any `TrainM
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -101,7 +102,6 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------------
     def _ctx(self):
         """Mesh + logical rules for tracing (linen's logical constraints need both)."""
-        import contextlib
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(self.rules))
