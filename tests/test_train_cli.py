@@ -84,6 +84,7 @@ def test_stages_chain_from_the_previous_final_params(data, trained):
     _, fx, spm = data
     workdir, first, second = trained
     assert "stages: phase1b=trained" in first
+    assert "stage phase1b: loss " in first and "(step 2)" in first  # logged every step
     assert "stage phase1b: final checkpoint exists, skipped" in second
     assert "stage phase2: 2 steps, from stage phase1b's final parameters" in second
     assert "stages: phase1b=skipped, phase2=trained" in second

@@ -338,6 +338,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
         it = iter(make_dataset(plan.data, encoder))
         state = trainer.run(it, _example(plan), os.path.join(workdir, plan.name), params=params)
         step = int(jax.device_get(state["step"]))
+        losses = [(k, m["train/loss/total"]) for k, m in getattr(trainer, "history", [])
+                  if "train/loss/total" in m]
+        if losses:
+            echo(f"stage {plan.name}: loss {losses[0][1]:.4f} (step {losses[0][0]}) -> "
+                 f"{losses[-1][1]:.4f} (step {losses[-1][0]})")
         if step < plan.trainer_config.steps:
             echo(f"stage {plan.name}: stopped at step {step} (signal); re-run to resume")
             status[plan.name] = "interrupted"
