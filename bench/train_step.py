@@ -26,6 +26,10 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch's OpenMP workers spin-wait by default; on a shared, oversubscribed CPU that made its
+# step ~4x slower (bench/README.md). PASSIVE is torch's best setting here: use it (set before
+# torch is imported).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -196,6 +200,7 @@ def time_variants(fns: dict, repeats: int) -> dict[str, dict]:
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(0.2)  # let the other framework's spinning worker threads park
             t0 = time.perf_counter()
             fn()
             out[name]["times"].append(time.perf_counter() - t0)
@@ -275,9 +280,15 @@ def profile(args) -> None:
                     if not ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
                         agg[ev.name] += ev.duration_ns / 2e6
     total = sum(agg.values())
-    print(f"{args.profile} width {args.widths[0]}: {total:.0f} ms of op time per step")
-    for k, v in agg.most_common(args.top):
-        print(f"{v:9.1f} ms {100 * v / total:5.1f}%  {k}")
+    kinds = collections.Counter()
+    for k, v in agg.items():
+        kinds[k.rsplit(".", 1)[0] if k.rsplit(".", 1)[-1].isdigit() else k] += v
+    print(f"{args.profile} width {args.widths[0]}: {total:.0f} ms of op time per step "
+          f"(summed over XLA worker threads)")
+    for title, counts in (("by op kind", kinds), ("top ops", agg)):
+        print(f"-- {title}")
+        for k, v in counts.most_common(args.top):
+            print(f"{v:9.1f} ms {100 * v / total:5.1f}%  {k}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile(args)
         return 0
-    peak, tpeak = common.matmul_peak(1024 if args.quick else 2048), torch_matmul_peak()
+    jpeak, tpeak = common.matmul_peak(1024 if args.quick else 2048), torch_matmul_peak()
+    peak = max(jpeak, tpeak)  # MFU against the better of the two measured fp32 matmul peaks
     rows = []
     for w in args.widths:
         rows += run_width(args, w, peak)
@@ -325,11 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         dev_rows = json.loads(out.split("JSON", 1)[1])
     result = {"config": {k: v for k, v in vars(args).items() if k != "profile"},
-              "vocab": args.vocab, "peak_flops_jax": peak, "peak_flops_torch": tpeak,
+              "vocab": args.vocab, "peak_flops_jax": jpeak, "peak_flops_torch": tpeak,
               "torch_threads": torch.get_num_threads(), "machine": common.machine_info(),
               "rows": rows, "devices": dev_rows}
     path = common.write_json("train_step", result)
-    print(f"\nfp32 matmul peak: jax {peak / 1e9:.1f} GFLOP/s, torch {tpeak / 1e9:.1f} GFLOP/s; "
+    print(f"\nfp32 matmul peak: jax {jpeak / 1e9:.1f} GFLOP/s, torch {tpeak / 1e9:.1f} GFLOP/s; "
           f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, {args.layers} layers")
     print(common.format_table(rows, COLUMNS))
     if dev_rows:

@@ -89,31 +89,38 @@ def _fused(hidden, kernel, targets, mask, tied, chunk_size):
     return loss
 
 
+def _chunk_grads(h, t, m, kernel, tied):
+    """One chunk -> (masked NLL sum, d kernel [fp32], d h [chunk, embed], per-token NLL)."""
+    nll_sum, logits, lse = _chunk_nll(h, kernel, t, m, tied)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    p = jnp.exp(logits - lse[:, None])
+    g = (jnp.where(iota == t[:, None], p - 1.0, p) * m[:, None]).astype(kernel.dtype)
+    contract_tokens = (((0,), (0,)), ((), ()))
+    if tied:  # kernel [vocab, embed]
+        dh = jax.lax.dot_general(g, kernel, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=_F32)  # [chunk, embed]
+        dk = jax.lax.dot_general(g, h, contract_tokens, preferred_element_type=_F32)
+    else:  # kernel [embed, vocab]
+        dh = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=_F32)  # [chunk, embed]
+        dk = jax.lax.dot_general(h, g, contract_tokens, preferred_element_type=_F32)
+    return nll_sum, dk, dh.astype(h.dtype), lse - _tgt_logit(logits, t)
+
+
 def _fused_fwd(hidden, kernel, targets, mask, tied, chunk_size):
     n = hidden.shape[0]
+    hs, ts, ms = _prepare(hidden, targets, mask, chunk_size)
+    # the first chunk initializes the accumulators: no zero-filled [embed, vocab] buffer
+    loss, dk, dh0, nll0 = _chunk_grads(hs[0], ts[0], ms[0], kernel, tied)
+    dhs, nlls = dh0[None], nll0[None]
+    if hs.shape[0] > 1:
+        def body(carry, xs):
+            s, k, dh, nll = _chunk_grads(*xs, kernel, tied)
+            return (carry[0] + s, carry[1] + k), (dh, nll)
 
-    def body(carry, xs):
-        loss, dk = carry
-        h, t, m = xs
-        nll, logits, lse = _chunk_nll(h, kernel, t, m, tied)
-        iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        p = jnp.exp(logits - lse[:, None])
-        g = (jnp.where(iota == t[:, None], p - 1.0, p) * m[:, None])  # [chunk, vocab]
-        gk = g.astype(kernel.dtype)
-        if tied:  # kernel [vocab, embed]
-            dh = gk @ kernel  # [chunk, embed]
-            dk = dk + jax.lax.dot_general(gk, h, (((0,), (0,)), ((), ())),
-                                          preferred_element_type=_F32)  # [vocab, embed]
-        else:  # kernel [embed, vocab]
-            dh = jax.lax.dot_general(gk, kernel, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=_F32)  # [chunk, embed]
-            dk = dk + jax.lax.dot_general(h, gk, (((0,), (0,)), ((), ())),
-                                          preferred_element_type=_F32)  # [embed, vocab]
-        return (loss + nll, dk), (dh.astype(hidden.dtype), lse - _tgt_logit(logits, t))
-
-    init = (jnp.zeros((), _F32), jnp.zeros(kernel.shape, _F32))
-    xs = _prepare(hidden, targets, mask, chunk_size)
-    (loss, dk), (dhs, nlls) = jax.lax.scan(body, init, xs)
+        (loss, dk), (rest_dh, rest_nll) = jax.lax.scan(body, (loss, dk), (hs[1:], ts[1:], ms[1:]))
+        dhs = jnp.concatenate([dhs, rest_dh])
+        nlls = jnp.concatenate([nlls, rest_nll])
     dh = dhs.reshape(-1, hidden.shape[1])[:n]
     nll = nlls.reshape(-1)[:n]  # d loss / d mask
     return loss, (dh, dk.astype(kernel.dtype), nll, targets.shape)
