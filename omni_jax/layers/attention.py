@@ -38,6 +38,35 @@ def cache_mask(key_valid: jax.Array, index: jax.Array, seq: int) -> jax.Array:
     return (causal[None] & key_valid[:, None, :])[:, None]
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v with GQA; the math of jax.nn.dot_product_attention (XLA path).
+
+    q [batch, seq, heads, d]; k, v [batch, keys, kv_heads, d]; mask broadcastable to
+    [batch, heads, seq, keys] (True = keep). Scores in float32, masked with a large finite
+    negative (fully masked rows become uniform, never NaN), softmax in float32. Differs only
+    in layout: heads are moved in front once so both matmuls are plain batched GEMMs, which
+    on CPU is 1.5-1.7x faster than jax.nn's vmapped version (fewer score transposes).
+    """
+    b, s, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    qg = jnp.transpose(q.reshape(b, s, kvh, g, d), (0, 2, 3, 1, 4))  # [b, kv, g, seq, d]
+    kt = jnp.transpose(k, (0, 2, 1, 3))  # [b, kv, keys, d]
+    vt = jnp.transpose(v, (0, 2, 1, 3))
+    scores = jnp.einsum("bkgsd,bktd->bkgst", qg, kt, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(d ** -0.5)
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mb, mh, ms, mt = mask.shape
+        mask = mask[:, :, None] if mh == 1 else mask.reshape(mb, kvh, g, ms, mt)
+        scores = jnp.where(mask, scores, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(scores, axis=-1).astype(k.dtype)  # [b, kv, g, seq, keys]
+    out = jnp.einsum("bkgst,bktd->bkgsd", probs, vt)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, s, h, d)
+
+
 def init_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                num_layers: int, dtype: Any = jnp.float32) -> dict[str, jax.Array]:
     """An empty KV cache for a stack of layers; `index` is the next slot to write."""
@@ -92,7 +121,7 @@ class Attention(nn.Module):
             kv = {"k": jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start),
                   "v": jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)}
             k, v = kv["k"].astype(self.dtype), kv["v"].astype(self.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [batch, seq, heads, head_dim]
+        out = dot_product_attention(q, k, v, mask)  # [batch, seq, heads, head_dim]
         out = constrain(out, ("act_batch", "act_len", "act_heads", None))
         y = nn.DenseGeneral(
             x.shape[-1], axis=(-2, -1), use_bias=self.o_bias, dtype=self.dtype,

@@ -155,3 +155,20 @@ def test_generate_argument_errors(tiny):
         generate(model, params, ids, max_new_tokens=2, eos_id=96)
     with pytest.raises(ValueError, match="needs an rng"):
         generate(model, params, ids, max_new_tokens=2, sampling=SamplingConfig(greedy=False))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (4, 4)])
+def test_fast_attention_matches_jax_nn(heads, kv_heads):
+    """layers.attention.dot_product_attention (used in prefill/decode) == jax.nn's XLA path."""
+    from omni_jax.layers.attention import causal_segment_mask, dot_product_attention
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 7, heads, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 9, kv_heads, 8)), jnp.float32) for _ in "kv")
+    seg = jnp.asarray([[1] * 9, [1] * 5 + [0] * 4])
+    masks = [None, causal_segment_mask(seg)[:, :, :7], jnp.zeros((2, 1, 7, 9), bool),
+             jnp.asarray(rng.random((2, heads, 7, 9)) > 0.3)]
+    for mask in masks:
+        np.testing.assert_allclose(dot_product_attention(q, k, v, mask),
+                                   jax.nn.dot_product_attention(q, k, v, mask=mask),
+                                   atol=1e-6, rtol=0)
