@@ -9,7 +9,9 @@ Batch (all static shapes, jit-friendly):
   audio_wave [n_aud, num_chunks, chunk_samples] (the 16 kHz chunk waveforms, same item order).
 Placeholders of a modality are filled in order: the k-th placeholder position of the batch
 (row-major) takes row k of that modality's [n_items * tokens_per_item, D] embeddings, so media
-arrays list items in the order they appear. Unused trailing items (padding) are ignored.
+arrays list items in the order they appear. Unused trailing items (padding) are ignored. A batch
+may instead give media_index [batch, seq] (data.packing makes it): the row each placeholder
+takes, which multi-host batches need (each process pads its own media block).
 """
 
 from __future__ import annotations
@@ -129,6 +131,11 @@ def check_batch(config: OmniConfig, batch: Mapping[str, Any]) -> None:
         if count % per or count > n * per:
             raise ValueError(f"batch has {count} {m} placeholder positions, which is not a whole "
                              f"number of items of {per} tokens within the {n} {m} items given")
+        if batch.get("media_index") is not None and count:
+            rows = np.asarray(batch["media_index"])[np.asarray(modality) == MODALITY_CODE[m]]
+            if rows.min() < 0 or rows.max() >= n * per:
+                raise ValueError(f"media_index of {m} placeholders spans rows [{rows.min()}, "
+                                 f"{rows.max()}] but the {n} {m} items give rows [0, {n * per})")
     _check_audio(config, batch)
 
 
@@ -218,7 +225,10 @@ class OmniModel(nn.Module):
             rows = self.encode(m, batch[m], wave).astype(x.dtype)
             rows = rows.reshape(-1, rows.shape[-1])  # [n_items * tokens, D]
             is_m = batch["modality"] == MODALITY_CODE[m]  # [batch, seq]
-            rank = jnp.cumsum(is_m.reshape(-1)).reshape(is_m.shape) - 1
+            if batch.get("media_index") is not None:  # rows given by the data pipeline
+                rank = batch["media_index"]
+            else:  # k-th placeholder of the batch (row-major) takes row k
+                rank = jnp.cumsum(is_m.reshape(-1)).reshape(is_m.shape) - 1
             picked = jnp.take(rows, jnp.clip(rank, 0, rows.shape[0] - 1), axis=0)
             x = jnp.where(is_m[..., None], picked, x)
         return x

@@ -17,6 +17,11 @@ video [n, F, H, W, 3], audio [n, mels, frames] or chunked [n, chunks, mels, fram
 [n, chunks, samples] for a BEATs audio tower); they pass through shifting untouched, and a
 batch stacks them in layout order (row-major, left to right: the order in which the model
 fills placeholders), zero-padded to a static `media` spec {key: (max_items, item_shape)}.
+With a media spec and per-token "modality"/"item_index" arrays, the batch also gets
+"media_index" [batch, seq]: for each placeholder token, its row in that modality's flattened
+[items * tokens_per_item] embeddings, offset by process_index * max_items items (on multi-host
+the global media arrays are the processes' local ones concatenated in process order); -1 on
+text and padding.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 
 REQUIRED_KEYS = ("input_ids", "loss_mask")
 MEDIA_KEYS = ("image", "video", "audio", "audio_wave")
+MEDIA_CODES = {"image": 1, "video": 2, "audio": 3}  # data.template's per-token modality ids
 MediaSpec = Mapping[str, tuple[int, tuple[int, ...]]]  # key -> (max_items, item shape)
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -78,6 +84,44 @@ def _batch_keys(examples: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
     return keys + ["segment_ids", "positions"]
 
 
+def media_index(example: Mapping[str, np.ndarray], first_item: Mapping[str, int]) -> np.ndarray:
+    """[n] flat embedding row of each placeholder token (see module docstring), -1 elsewhere.
+
+    first_item: the batch-wide item row where this example's first item of each modality sits.
+    """
+    out = np.full(example["input_ids"].shape, -1, np.int32)
+    modality, item = example["modality"], example["item_index"]
+    for key, code in MEDIA_CODES.items():
+        is_m = modality == code
+        if not is_m.any():
+            continue
+        per = np.bincount(item[is_m])  # tokens per item (contiguous runs)
+        if (per != per[0]).any():
+            raise ValueError(f"{key} items have different token counts {per.tolist()}")
+        # items are numbered in order of appearance, so the k-th placeholder of this modality
+        # in the example is row k of the example's items (item * per + rank within the item)
+        out[is_m] = first_item.get(key, 0) * per[0] + np.arange(int(is_m.sum()))
+    return out
+
+
+def _add_media(out: dict[str, np.ndarray], placed: Sequence[tuple[int, int, Mapping]],
+               media: MediaSpec | None, process_index: int) -> None:
+    """Stack media of the examples `placed` [(row, start, example)] in layout order into `out`,
+    and fill out["media_index"] when the examples carry modality/item_index."""
+    examples = [ex for _, _, ex in placed]
+    out.update(collate_media(examples, media))
+    if not media or not examples or "item_index" not in examples[0]:
+        return
+    index = np.full(out["input_ids"].shape, -1, np.int32)
+    first = {key: process_index * media[key][0] for key in MEDIA_CODES if key in media}
+    for r, start, ex in placed:
+        n = example_length(ex)
+        index[r, start:start + n] = media_index(ex, first)
+        for key in first:
+            first[key] += len(ex[key]) if key in ex else 0
+    out["media_index"] = index
+
+
 def collate_media(examples: Sequence[Mapping[str, np.ndarray]],
                   media: MediaSpec | None) -> dict[str, np.ndarray]:
     """Media of examples in layout order -> {key: [max_items, *shape]} float32, zero-padded.
@@ -118,7 +162,7 @@ def choose_bucket(length: int, buckets: Sequence[int]) -> int:
 def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int,
               buckets: Sequence[int], pad_id: int = 0,
               pad_values: Mapping[str, int] | None = None,
-              media: MediaSpec | None = None) -> dict[str, np.ndarray]:
+              media: MediaSpec | None = None, process_index: int = 0) -> dict[str, np.ndarray]:
     """One example per row, padded to the smallest bucket fitting the longest example.
 
     Rows beyond len(examples) are all padding (segment_ids 0), so the shape stays static.
@@ -134,7 +178,7 @@ def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int,
             out[k][r, :n] = ex[k]
         out["segment_ids"][r, :n] = 1
         out["positions"][r, :n] = np.arange(n, dtype=np.int32)
-    out.update(collate_media(examples, media))
+    _add_media(out, [(r, 0, ex) for r, ex in enumerate(examples)], media, process_index)
     return out
 
 
@@ -147,13 +191,13 @@ class FirstFitPacker:
 
     def __init__(self, batch_size: int, seq_len: int, pad_id: int = 0,
                  pad_values: Mapping[str, int] | None = None,
-                 media: MediaSpec | None = None) -> None:
+                 media: MediaSpec | None = None, process_index: int = 0) -> None:
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"FirstFitPacker: batch_size and seq_len must be positive, got "
                              f"{batch_size}, {seq_len}")
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
         self.pad_values = dict(pad_values or {})
-        self.media = media
+        self.media, self.process_index = media, process_index
         self.reset()
 
     def reset(self) -> None:
@@ -187,6 +231,7 @@ class FirstFitPacker:
         first = next((row[0] for row in self._rows if row), None)
         keys = _batch_keys([first] if first is not None else [])
         out = _empty_batch(keys, self.batch_size, self.seq_len, self.pad_id, self.pad_values)
+        placed = []
         for r, row in enumerate(self._rows):
             start = 0
             for seg, ex in enumerate(row, start=1):
@@ -198,17 +243,19 @@ class FirstFitPacker:
                     out[k][r, start:start + n] = ex[k]
                 out["segment_ids"][r, start:start + n] = seg
                 out["positions"][r, start:start + n] = np.arange(n, dtype=np.int32)
+                placed.append((r, start, ex))
                 start += n
-        out.update(collate_media([ex for row in self._rows for ex in row], self.media))
+        _add_media(out, placed, self.media, self.process_index)
         self.reset()
         return out
 
 
 def pack_examples(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int, seq_len: int,
                   pad_id: int = 0, pad_values: Mapping[str, int] | None = None,
-                  media: MediaSpec | None = None) -> list[dict[str, np.ndarray]]:
+                  media: MediaSpec | None = None, process_index: int = 0
+                  ) -> list[dict[str, np.ndarray]]:
     """Pack a list of training examples into as many [batch_size, seq_len] batches as needed."""
-    packer = FirstFitPacker(batch_size, seq_len, pad_id, pad_values, media)
+    packer = FirstFitPacker(batch_size, seq_len, pad_id, pad_values, media, process_index)
     batches = []
     for ex in examples:
         if not packer.add(ex):

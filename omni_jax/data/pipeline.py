@@ -198,7 +198,7 @@ class _BatchIterator(grain.DatasetIterator):
         ds = self._ds
         if ds.packing:
             packer = packing.FirstFitPacker(ds.local_batch, ds.max_len, ds.pad_id,
-                                            ds.pad_values, ds.media)
+                                            ds.pad_values, ds.media, ds.process_index)
             if self._pending is not None:
                 _, index, ex = self._pending
                 self._pending = None
@@ -228,7 +228,7 @@ class _BatchIterator(grain.DatasetIterator):
                 examples.append(ex)
                 self._take(index, ex)
             batch = packing.pad_batch(examples, ds.local_batch, ds.seq_buckets, ds.pad_id,
-                                      ds.pad_values, ds.media)
+                                      ds.pad_values, ds.media, ds.process_index)
         self._counts["batches"] += 1
         self._counts["token_slots"] += batch["input_ids"].size
         return batch
@@ -266,11 +266,15 @@ class BatchDataset(grain.IterDataset):
     """IterDataset of encoded (source index, example) -> static-shape batches."""
 
     def __init__(self, parent: grain.IterDataset, config: DataConfig, local_batch: int,
-                 source_names: Sequence[str], sources: Sequence[Any]) -> None:
+                 source_names: Sequence[str], sources: Sequence[Any],
+                 process_index: int = 0) -> None:
         super().__init__(parent)
         self.packing, self.max_len = config.packing, config.max_len
         self.seq_buckets, self.pad_id = config.seq_buckets, config.pad_id
         self.pad_values, self.media = config.pad_values, config.media
+        # media rows of this process start after the lower processes' (global arrays are the
+        # local ones concatenated in process order): media_index is offset accordingly
+        self.process_index = process_index
         self.drop_remainder, self.local_batch = config.drop_remainder, local_batch
         self.source_names, self.sources = tuple(source_names), tuple(sources)
 
@@ -331,4 +335,4 @@ def make_dataset(config: DataConfig | Mapping[str, Any], encode_fn: EncodeFn, *,
     it = encoded.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                    prefetch_buffer_size=config.prefetch_buffer))
     return BatchDataset(it, config, config.batch_size // process_count, names,
-                        [sources[n] for n in names])
+                        [sources[n] for n in names], process_index)

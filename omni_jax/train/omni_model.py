@@ -19,7 +19,8 @@ from omni_jax.model import AUDIO_WAVE, OmniModel, media_shapes
 from omni_jax.omni_config import MODALITIES, OmniConfig
 from omni_jax.train.model import Batch
 
-MODEL_KEYS = ("input_ids", "modality", "segment_ids", "positions", *MODALITIES, AUDIO_WAVE)
+MODEL_KEYS = ("input_ids", "modality", "media_index", "segment_ids", "positions", *MODALITIES,
+              AUDIO_WAVE)
 
 
 def dummy_media(config: OmniConfig) -> dict[str, jax.Array]:

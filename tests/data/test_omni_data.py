@@ -202,3 +202,30 @@ def test_chunked_audio_errors(setup):
         OmniEncoder(two, template, audio=AudioConfig(chunk_seconds=2))
     with pytest.raises(ValueError, match=r"n_mels=80"):
         OmniEncoder(two, template, audio=AudioConfig(chunk_seconds=1, n_mels=128))
+
+
+def test_media_index_keeps_items_right_across_process_blocks(setup):
+    """Two processes each pad their own media block; the global batch concatenates them."""
+    cfg, enc, records, _ = setup
+    exs = [packing.shift_example(enc(r)) for r in records["image_caption"][:3]]
+    spec = {"image": (4, (32, 32, 3))}
+    blocks = [packing.pad_batch(exs[:1], 2, [256], media=spec, process_index=0),
+              packing.pad_batch(exs[1:], 2, [256], media=spec, process_index=1)]
+    glob = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    per = tokens_per_item(cfg, "image")
+    assert sorted(set(glob["media_index"][glob["modality"] == 1] // per)) == [0, 4, 5]
+    model = OmniModel(cfg)
+    jb = {k: jax.numpy.asarray(v) for k, v in glob.items()
+          if k in ("input_ids", "modality", "media_index", "image")}
+    params = model.init(jax.random.key(0), jb)
+    x = np.asarray(model.apply(params, jb, method=OmniModel.embed_inputs))
+    img = np.asarray(model.apply(params, "image", jb["image"], method=OmniModel.encode))
+    for row, item in ((0, 0), (2, 4), (3, 5)):  # process 1's rows take items 4 and 5
+        np.testing.assert_array_equal(x[row][glob["modality"][row] == 1], img[item])
+    check_batch(cfg, glob)
+    bad = dict(glob, media_index=np.where(glob["modality"] == 1, glob["media_index"] + 8, -1))
+    with pytest.raises(ValueError, match=r"media_index of image placeholders spans rows"):
+        check_batch(cfg, bad)
+    no_index = {k: v for k, v in jb.items() if k != "media_index"}  # the row-major fallback
+    y = np.asarray(model.apply(params, no_index, method=OmniModel.embed_inputs))
+    assert not np.array_equal(y[2][glob["modality"][2] == 1], img[4])
