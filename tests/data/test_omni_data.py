@@ -223,7 +223,7 @@ def test_media_index_keeps_items_right_across_process_blocks(setup):
     for row, item in ((0, 0), (2, 4), (3, 5)):  # process 1's rows take items 4 and 5
         np.testing.assert_array_equal(x[row][glob["modality"][row] == 1], img[item])
     check_batch(cfg, glob)
-    bad = dict(glob, media_index=np.where(glob["modality"] == 1, glob["media_index"] + 8, -1))
+    bad = dict(glob, media_index=np.where(glob["modality"] == 1, glob["media_index"] + 8 * per, -1))
     with pytest.raises(ValueError, match=r"media_index of image placeholders spans rows"):
         check_batch(cfg, bad)
     no_index = {k: v for k, v in jb.items() if k != "media_index"}  # the row-major fallback
