@@ -65,30 +65,50 @@ def median(times: Sequence[float]) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(n: int = 2048, dtype: Any = jnp.float32, repeats: int = 7) -> float:
-    """Best-of-`repeats` FLOP/s of a jitted [n, n] @ [n, n] matmul in `dtype`."""
+def matmul_probe(n: int = 2048, dtype: Any = jnp.float32) -> tuple[Callable[[], Any], float]:
+    """(fn, flops): one jitted [n, n] @ [n, n] matmul in `dtype` per call."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda a, b: a @ b)
-    return 2.0 * n ** 3 / min(time_fn(lambda: f(a, b), warmup=2, repeats=repeats))
+    return (lambda: f(a, b)), 2.0 * n ** 3
+
+
+def copy_probe(nbytes: int = 256 * 2 ** 20) -> tuple[Callable[[], Any], float]:
+    """(fn, bytes): one in-place jitted x + 1 over `nbytes` per call (read + written bytes).
+
+    The buffer is donated so XLA writes in place: no allocation or page faults are timed,
+    only the streaming read and write of the array.
+    """
+    f = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+    state = {"x": jnp.zeros((nbytes // 4,), jnp.float32)}
+
+    def run() -> jax.Array:
+        state["x"] = f(state["x"])
+        return state["x"]
+
+    return run, 2.0 * (nbytes // 4) * 4
+
+
+def matmul_peak(n: int = 2048, dtype: Any = jnp.float32, repeats: int = 7) -> float:
+    """Best-of-`repeats` FLOP/s of a jitted [n, n] @ [n, n] matmul in `dtype`."""
+    fn, flops = matmul_probe(n, dtype)
+    return flops / min(time_fn(fn, warmup=2, repeats=repeats))
 
 
 def copy_bandwidth(nbytes: int = 256 * 2 ** 20, repeats: int = 7) -> float:
-    """Best-of-`repeats` bytes/s (read + written) of an in-place jitted x + 1 over `nbytes`.
+    """Best-of-`repeats` bytes/s (read + written) of an in-place jitted copy over `nbytes`."""
+    fn, nb = copy_probe(nbytes)
+    return nb / min(time_fn(fn, warmup=2, repeats=repeats))
 
-    The input buffer is donated so XLA writes in place: no allocation or page faults are
-    timed, only the streaming read and write of the array.
+
+def paired_ratio(work: float, times: Sequence[float], ref_work: float,
+                 ref_times: Sequence[float]) -> float:
+    """Median over repeats of (work / t_i) / (ref_work / ref_t_i) for interleaved timings.
+
+    E.g. MFU = model FLOP/s over the matmul peak measured right next to it, so both numbers
+    see the same machine load.
     """
-    f = jax.jit(lambda x: x + 1.0, donate_argnums=0)
-    x = jnp.zeros((nbytes // 4,), jnp.float32)
-    for _ in range(2):
-        x = block(f(x))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x = block(f(x))
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * x.nbytes / best
+    return statistics.median((work / t) / (ref_work / r) for t, r in zip(times, ref_times))
 
 
 def machine_info() -> dict[str, Any]:

@@ -23,6 +23,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def _threads_from_argv(argv: list[str]) -> int:
+    """--threads must act before jax is imported (XLA reads its flags once)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--threads", type=int, default=0)
+    return pre.parse_known_args(argv)[0].threads
+
+
+if __name__ == "__main__" and _threads_from_argv(sys.argv[1:]) == 1:
+    # One thread in both frameworks: XLA's Eigen pool off, torch set below. On a shared,
+    # oversubscribed machine this avoids thread-pool spin/barrier collapse (torch's OpenMP
+    # suffers worst), so the ratio measures the kernels rather than the scheduler.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false").strip()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,11 +45,12 @@ import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    copy_bandwidth,
+    copy_probe,
     format_table,
     machine_info,
-    matmul_peak,
+    matmul_probe,
     median,
+    paired_ratio,
     time_interleaved,
     write_json,
 )
@@ -60,7 +76,7 @@ def decode_weight_bytes(c: LLMConfig, itemsize: int) -> int:
     return (c.num_params() - c.vocab_size * c.hidden_size) * itemsize
 
 
-def bench_width(width: int, args: argparse.Namespace, peak: float, bw: float) -> dict:
+def bench_width(width: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     hf = Qwen2ForCausalLM(hf_config(width, args)).eval()
     cfg = config_from_hf(hf.config.to_dict())
@@ -69,6 +85,10 @@ def bench_width(width: int, args: argparse.Namespace, peak: float, bw: float) ->
     model = Decoder(cfg)
     rng = np.random.default_rng(0)
     row = {"width": width, "params_M": cfg.num_params() / 1e6}
+    # Ceilings are timed in alternation with the contenders (same load): matmul peak for
+    # prefill MFU, in-place copy bandwidth for decode weight-bandwidth use.
+    mm, mm_flops = matmul_probe()
+    cp, cp_bytes = copy_probe()
 
     # Prefill: full-sequence forward with logits for every position, both sides.
     ids = rng.integers(0, args.vocab, size=(args.batch, args.seq))
@@ -76,15 +96,16 @@ def bench_width(width: int, args: argparse.Namespace, peak: float, bw: float) ->
     jids, tids = jnp.asarray(ids, jnp.int32), torch.tensor(ids)
     with torch.no_grad():
         t = time_interleaved({"ours": lambda: fwd(params, jids),
-                              "hf": lambda: hf(input_ids=tids).logits},
+                              "hf": lambda: hf(input_ids=tids).logits, "peak": mm},
                              warmup=2, repeats=args.repeats)
         ours, ref = median(t["ours"]), median(t["hf"])
         err = float(np.abs(np.asarray(fwd(params, jids)) - hf(input_ids=tids).logits.numpy()).max())
     tokens = args.batch * args.seq
+    flops = cfg.flops_per_token(args.seq) * tokens
     row.update(prefill_tok_s=tokens / ours, hf_prefill_tok_s=tokens / ref, prefill_x=ref / ours,
-               prefill_mfu=cfg.flops_per_token(args.seq) * tokens / ours / peak,
-               hf_prefill_mfu=cfg.flops_per_token(args.seq) * tokens / ref / peak,
-               prefill_max_abs_err=err)
+               prefill_mfu=paired_ratio(flops, t["ours"], mm_flops, t["peak"]),
+               hf_prefill_mfu=paired_ratio(flops, t["hf"], mm_flops, t["peak"]),
+               peak_gflops=mm_flops / median(t["peak"]) / 1e9, prefill_max_abs_err=err)
 
     # Decode: greedy, batch 1, short prompt, every run generates exactly new_tokens tokens.
     dparams = params
@@ -101,15 +122,17 @@ def bench_width(width: int, args: argparse.Namespace, peak: float, bw: float) ->
                                  min_new_tokens=args.new_tokens, pad_token_id=0,
                                  eos_token_id=None)
     with torch.no_grad():
-        t = time_interleaved({"ours": gen, "hf": hf_gen}, warmup=1,
+        t = time_interleaved({"ours": gen, "hf": hf_gen, "copy": cp}, warmup=1,
                              repeats=max(1, args.repeats // 2 + 1))
         ours, ref = median(t["ours"]), median(t["hf"])
         same = float(np.mean(np.asarray(gen()) == hf_gen()[:, args.prompt:].numpy()))
     n = args.new_tokens
     wbytes = decode_weight_bytes(cfg, jnp.dtype(args.decode_dtype).itemsize)
     row.update(decode_tok_s=n / ours, hf_decode_tok_s=n / ref, decode_x=ref / ours,
-               decode_bw_use=wbytes * n / ours / bw,
-               hf_decode_bw_use=decode_weight_bytes(cfg, 4) * n / ref / bw,
+               decode_bw_use=paired_ratio(wbytes * n, t["ours"], cp_bytes, t["copy"]),
+               hf_decode_bw_use=paired_ratio(decode_weight_bytes(cfg, 4) * n, t["hf"], cp_bytes,
+                                             t["copy"]),
+               copy_gb_s=cp_bytes / median(t["copy"]) / 1e9,
                greedy_tokens_equal=same)
     return row
 
@@ -125,24 +148,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for both frameworks: 0 = all cores, 1 = single-threaded")
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
     ap.add_argument("--name", default="llm_forward", help="bench/results/<name>.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.widths, args.layers, args.seq, args.vocab = "64", 2, 64, 1000
         args.new_tokens, args.repeats = 16, 2
-    torch.set_num_threads(os.cpu_count() or 1)
-    peak, bw = matmul_peak(), copy_bandwidth()
-    rows = [bench_width(int(w), args, peak, bw) for w in args.widths.split(",")]
+    if args.threads not in (0, 1):
+        raise ValueError("--threads must be 0 (all cores) or 1")
+    torch.set_num_threads(1 if args.threads == 1 else (os.cpu_count() or 1))
+    load_start = machine_info().get("loadavg_1m_5m_15m")
+    rows = [bench_width(int(w), args) for w in args.widths.split(",")]
     cols = ["width", "params_M", "prefill_tok_s", "hf_prefill_tok_s", "prefill_x", "prefill_mfu",
             "hf_prefill_mfu", "decode_tok_s", "hf_decode_tok_s", "decode_x", "decode_bw_use",
-            "hf_decode_bw_use", "greedy_tokens_equal"]
-    print(f"matmul peak (fp32 2048^3, jitted) {peak / 1e9:.0f} GFLOP/s; copy bandwidth "
-          f"{bw / 1e9:.1f} GB/s; torch threads {torch.get_num_threads()}; "
-          f"decode dtype {args.decode_dtype}")
+            "hf_decode_bw_use", "peak_gflops", "copy_gb_s", "greedy_tokens_equal"]
+    print(f"torch threads {torch.get_num_threads()}; XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}"
+          f"; decode dtype {args.decode_dtype}; load at start {load_start}")
     print(format_table(rows, cols))
-    result = {"args": vars(args), "matmul_peak_flops": peak, "copy_bytes_per_s": bw,
-              "machine": machine_info(), "rows": rows}
+    result = {"args": vars(args),
+              "machine": {**machine_info(), "loadavg_at_start": load_start}, "rows": rows}
     print("wrote", write_json(args.name, result))
     return result
 
