@@ -20,6 +20,9 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# torch's OpenMP threads spin-wait by default; on a shared, oversubscribed machine that makes
+# HF collapse (tens of x slower) and the ratios meaningless. Passive waiting keeps it sane.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
