@@ -27,6 +27,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from omni_jax.config_base import check_keys
 from omni_jax.llm.config import LLMConfig
 
 MODALITIES = ("image", "video", "audio")
@@ -110,12 +111,9 @@ class TowerConfig:
     @classmethod
     def from_dict(cls, modality: str, d: Mapping[str, Any]) -> TowerConfig:
         d = dict(d)
-        known = {"encoder", "encoder_config", "adapter", "adapter_config", "image_size",
-                 "num_frames", "num_chunks"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{modality} tower: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
+        check_keys(f"{modality} tower", d, ("encoder", "encoder_config", "adapter",
+                                            "adapter_config", "image_size", "num_frames",
+                                            "num_chunks"))
         for key in ("encoder", "adapter"):
             if not d.get(key):
                 raise ValueError(f"{modality} tower: '{key}' is required")

@@ -1,59 +1,31 @@
 """2-layer MLP visual projector (LLaVA / OpenOmni; Capybara with 2x2 bilinear token reduction).
 
-Also home of the small helpers every visual adapter shares: `AdapterConfig` (from_dict that
-rejects unknown keys) and `check_patch_features` (the [batch, grid_h*grid_w, C] input contract).
+Also home of the small helpers every visual adapter shares: `AdapterConfig` (the adapters'
+`omni_jax.config_base.StrictConfig`; `check_positive` / `check_choice` are re-exported from
+there) and `check_patch_features` (the [batch, grid_h*grid_w, C] input contract).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_jax.config_base import StrictConfig, check_choice, check_positive
 from omni_jax.layers.common import constrain, logical_init, parse_dtype
 from omni_jax.layers.interpolate import METHODS, resize_2d
 from omni_jax.layers.mlp import GeluMLP, activation
 
-_C = TypeVar("_C", bound="AdapterConfig")
 ACT = ("act_batch", "act_len", "act_embed")
 NEWLINE_MODES = ("none", "row", "end")
 
 
-class AdapterConfig:
-    """Mixin for the adapters' frozen config dataclasses: dict round trip, strict keys."""
-
-    @classmethod
-    def from_dict(cls: type[_C], d: Mapping[str, Any]) -> _C:
-        """Build from a dict / ConfigDict; unknown keys are an error (typos must not pass)."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self: _C, **kw: Any) -> _C:
-        return dataclasses.replace(self, **kw)
-
-
-def check_positive(who: str, **values: int | float) -> None:
-    for name, v in values.items():
-        if v is None or v <= 0:
-            raise ValueError(f"{who}.{name} must be positive, got {v!r}")
-
-
-def check_choice(who: str, name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{who}.{name}: unknown value {value!r}; expected one of {tuple(choices)}")
+class AdapterConfig(StrictConfig):
+    """Base of the adapters' frozen config dataclasses: dict round trip, strict keys."""
 
 
 def check_patch_features(x: jax.Array, grid_hw: Sequence[int], who: str) -> tuple[int, int]:

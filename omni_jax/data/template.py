@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from omni_jax.config_base import StrictConfig
 from omni_jax.data.tokenizer import MODALITIES, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -40,7 +41,7 @@ Conversation = Sequence[Mapping[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
-class TemplateConfig:
+class TemplateConfig(StrictConfig):
     """Chat template options."""
 
     # Qwen2-Instruct's default system turn; None inserts no system turn.
@@ -55,17 +56,6 @@ class TemplateConfig:
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len <= 0):
             raise ValueError(f"TemplateConfig.max_len must be a positive int or None, got "
                              f"{self.max_len!r}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TemplateConfig:
-        """Build from a dict / ConfigDict; unknown keys are an error (typos must not pass)."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TemplateConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from omni_jax.config_base import StrictConfig
+
 TOKENIZER_KINDS = ("sentencepiece", "hf")
 MODALITIES = ("image", "video", "audio")  # modality ids 1, 2, 3 (0 is text)
 # Tokens that appear inside rendered chat text: each must encode to exactly its own id.
@@ -27,7 +29,7 @@ DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>",
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(StrictConfig):
     """Which tokenizer file to load and which token strings play each special role.
 
     Defaults follow Qwen2-Instruct (pad=<|endoftext|>, eos=<|im_end|>, no bos). Placeholder
@@ -75,20 +77,6 @@ class TokenizerConfig:
         """Role name -> token string, for every role that is set."""
         out = {n: getattr(self, f"{n}_token") for n in SPECIAL_NAMES}
         return {n: t for n, t in out.items() if t is not None}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TokenizerConfig:
-        """Build from a dict / ConfigDict; unknown keys are an error (typos must not pass)."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TokenizerConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class Tokenizer(abc.ABC):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_jax.config_base import StrictConfig, check_positive
 from omni_jax.layers.attention import Attention
 from omni_jax.layers.common import constrain, logical_init, parse_dtype
 from omni_jax.layers.mlp import GeluMLP, activation
@@ -26,7 +26,7 @@ _ACT = ("act_batch", "act_len", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
-class WhisperEncoderConfig:
+class WhisperEncoderConfig(StrictConfig):
     """Whisper encoder hyper-parameters (names follow transformers' WhisperConfig)."""
 
     num_mel_bins: int = 80
@@ -45,11 +45,12 @@ class WhisperEncoderConfig:
         if self.num_mel_bins not in (80, 128):
             raise ValueError(f"WhisperEncoderConfig.num_mel_bins must be 80 or 128, got "
                              f"{self.num_mel_bins!r}")
-        for name in ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
-                     "max_source_positions", "layer_norm_eps", "init_std"):
-            v = getattr(self, name)
-            if v is None or v <= 0:
-                raise ValueError(f"WhisperEncoderConfig.{name} must be positive, got {v!r}")
+        check_positive("WhisperEncoderConfig", d_model=self.d_model,
+                       encoder_layers=self.encoder_layers,
+                       encoder_attention_heads=self.encoder_attention_heads,
+                       encoder_ffn_dim=self.encoder_ffn_dim,
+                       max_source_positions=self.max_source_positions,
+                       layer_norm_eps=self.layer_norm_eps, init_std=self.init_std)
         if self.d_model % self.encoder_attention_heads:
             raise ValueError(
                 f"WhisperEncoderConfig: encoder_attention_heads={self.encoder_attention_heads} "
@@ -69,23 +70,6 @@ class WhisperEncoderConfig:
     def max_frames(self) -> int:
         """Longest accepted mel input (two frames per output position, conv2 stride 2)."""
         return 2 * self.max_source_positions
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> WhisperEncoderConfig:
-        """Build from a dict / ConfigDict; unknown keys are an error (typos must not pass)."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"WhisperEncoderConfig: unknown keys {unknown}; expected a subset "
-                             f"of {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **kw: Any) -> WhisperEncoderConfig:
-        return dataclasses.replace(self, **kw)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_jax.config_base import StrictConfig, check_choice, check_positive
 from omni_jax.encoders.audio import WhisperEncoder, WhisperEncoderConfig, output_frame_mask
 from omni_jax.encoders.beats import BEATsConfig, BEATsEncoder
 from omni_jax.layers.common import constrain
@@ -29,7 +30,7 @@ ALIGN = ("max", "whisper")
 
 
 @dataclasses.dataclass(frozen=True)
-class OlaAudioConfig:
+class OlaAudioConfig(StrictConfig):
     """Chunking + the two encoders; `beats=None` gives a Whisper-only path."""
 
     whisper: WhisperEncoderConfig = dataclasses.field(default_factory=WhisperEncoderConfig)
@@ -42,13 +43,10 @@ class OlaAudioConfig:
     mask_padding: bool = False  # Ola: no masks; True: padded samples excluded in both encoders
 
     def __post_init__(self) -> None:
-        for name in ("sample_rate", "chunk_seconds", "max_chunks", "mel_hop_length"):
-            v = getattr(self, name)
-            if v is None or v <= 0:
-                raise ValueError(f"OlaAudioConfig.{name} must be positive, got {v!r}")
-        if self.align not in ALIGN:
-            raise ValueError(f"OlaAudioConfig.align: unknown value {self.align!r}; expected one "
-                             f"of {ALIGN}")
+        check_positive("OlaAudioConfig", sample_rate=self.sample_rate,
+                       chunk_seconds=self.chunk_seconds, max_chunks=self.max_chunks,
+                       mel_hop_length=self.mel_hop_length)
+        check_choice("OlaAudioConfig", "align", self.align, ALIGN)
         if self.beats is not None and self.beats.sample_rate != self.sample_rate:
             raise ValueError(f"OlaAudioConfig: beats.sample_rate={self.beats.sample_rate} != "
                              f"sample_rate={self.sample_rate}")
@@ -92,25 +90,13 @@ class OlaAudioConfig:
         return min(math.ceil(num_samples / self.chunk_samples), self.max_chunks)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> OlaAudioConfig:
-        """Nested dicts for `whisper` / `beats` (None disables BEATs); unknown keys error."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"OlaAudioConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
+    def _coerce(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """from_dict: nested dicts for `whisper` / `beats` (None disables BEATs)."""
         if isinstance(d.get("whisper"), Mapping):
             d["whisper"] = WhisperEncoderConfig.from_dict(d["whisper"])
         if isinstance(d.get("beats"), Mapping):
             d["beats"] = BEATsConfig.from_dict(d["beats"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **kw: Any) -> OlaAudioConfig:
-        return dataclasses.replace(self, **kw)
+        return d
 
 
 def chunk_waveform(waveform: np.ndarray, config: OlaAudioConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_jax.config_base import StrictConfig, check_positive
 from omni_jax.layers.attention import Attention
 from omni_jax.layers.common import constrain, logical_init, parse_dtype
 from omni_jax.layers.mlp import GeluMLP, activation
@@ -32,7 +32,7 @@ _F32_EPS = float(np.finfo(np.float32).eps)  # torchaudio's log floor (torch.finf
 
 
 @dataclasses.dataclass(frozen=True)
-class BEATsConfig:
+class BEATsConfig(StrictConfig):
     """BEATs feature + encoder hyper-parameters (defaults: BEATs_iter3 feature settings)."""
 
     sample_rate: int = 16000
@@ -62,14 +62,16 @@ class BEATsConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("sample_rate", "num_mel_bins", "frame_length_ms", "frame_shift_ms",
-                     "fbank_std", "patch_size", "embed_dim", "encoder_embed_dim",
-                     "encoder_layers", "encoder_attention_heads", "encoder_ffn_embed_dim",
-                     "conv_pos", "conv_pos_groups", "layer_norm_eps", "init_std",
-                     "waveform_scale"):
-            v = getattr(self, name)
-            if v is None or v <= 0:
-                raise ValueError(f"BEATsConfig.{name} must be positive, got {v!r}")
+        check_positive("BEATsConfig", sample_rate=self.sample_rate,
+                       num_mel_bins=self.num_mel_bins, frame_length_ms=self.frame_length_ms,
+                       frame_shift_ms=self.frame_shift_ms, fbank_std=self.fbank_std,
+                       patch_size=self.patch_size, embed_dim=self.embed_dim,
+                       encoder_embed_dim=self.encoder_embed_dim,
+                       encoder_layers=self.encoder_layers,
+                       encoder_attention_heads=self.encoder_attention_heads,
+                       encoder_ffn_embed_dim=self.encoder_ffn_embed_dim, conv_pos=self.conv_pos,
+                       conv_pos_groups=self.conv_pos_groups, layer_norm_eps=self.layer_norm_eps,
+                       init_std=self.init_std, waveform_scale=self.waveform_scale)
         if self.num_mel_bins % self.patch_size:
             raise ValueError(f"BEATsConfig: patch_size={self.patch_size} must divide "
                              f"num_mel_bins={self.num_mel_bins}")
@@ -115,23 +117,6 @@ class BEATsConfig:
         """Output tokens: (frames // patch) time blocks x (mel / patch) frequency blocks."""
         t = self.num_frames(num_samples) // self.patch_size
         return t * (self.num_mel_bins // self.patch_size)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> BEATsConfig:
-        """Build from a dict / ConfigDict; unknown keys are an error (typos must not pass)."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"BEATsConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **kw: Any) -> BEATsConfig:
-        return dataclasses.replace(self, **kw)
 
 
 def kaldi_mel_banks(c: BEATsConfig) -> np.ndarray:

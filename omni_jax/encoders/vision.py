@@ -4,13 +4,12 @@ pre-LN transformer blocks; returns the patch features of a chosen layer."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omni_jax.config_base import StrictConfig, check_positive
 from omni_jax.layers.attention import Attention
 from omni_jax.layers.common import constrain, logical_init, parse_dtype
 from omni_jax.layers.interpolate import METHODS, resize_2d
@@ -21,7 +20,7 @@ _ACT = ("act_batch", "act_len", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipVisionConfig:
+class SiglipVisionConfig(StrictConfig):
     """SigLIP vision tower hyper-parameters (names follow transformers' SiglipVisionConfig,
     plus which layer to return and how to resize the position grid)."""
 
@@ -46,12 +45,12 @@ class SiglipVisionConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_channels", "image_size", "patch_size", "layer_norm_eps",
-                     "initializer_range"):
-            v = getattr(self, name)
-            if v is None or v <= 0:
-                raise ValueError(f"SiglipVisionConfig.{name} must be positive, got {v!r}")
+        check_positive("SiglipVisionConfig", hidden_size=self.hidden_size,
+                       intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+                       num_heads=self.num_heads, num_channels=self.num_channels,
+                       image_size=self.image_size, patch_size=self.patch_size,
+                       layer_norm_eps=self.layer_norm_eps,
+                       initializer_range=self.initializer_range)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"SiglipVisionConfig: hidden_size={self.hidden_size} is not divisible "
                              f"by num_heads={self.num_heads}")
@@ -68,23 +67,6 @@ class SiglipVisionConfig:
         activation(self.hidden_act)
         parse_dtype(self.dtype)
         parse_dtype(self.param_dtype)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SiglipVisionConfig:
-        """Build from a dict / ConfigDict; unknown keys are an error (typos must not pass)."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"SiglipVisionConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **kw: Any) -> SiglipVisionConfig:
-        return dataclasses.replace(self, **kw)
 
     @property
     def head_dim(self) -> int:

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
+from omni_jax.config_base import StrictConfig, check_positive
 from omni_jax.layers.common import parse_dtype
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 
 
-def _positive(cls_name: str, **values: int | float) -> None:
-    for name, v in values.items():
-        if v is None or v <= 0:
-            raise ValueError(f"{cls_name}.{name} must be positive, got {v!r}")
-
-
 @dataclasses.dataclass(frozen=True)
-class LLMConfig:
+class LLMConfig(StrictConfig):
     """Qwen2/2.5-style decoder hyper-parameters (names follow transformers' Qwen2Config)."""
 
     vocab_size: int = 1024
@@ -40,11 +33,11 @@ class LLMConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _positive("LLMConfig", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                  intermediate_size=self.intermediate_size, num_layers=self.num_layers,
-                  num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                  rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
-                  max_position_embeddings=self.max_position_embeddings)
+        check_positive("LLMConfig", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                       intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+                       num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                       rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+                       max_position_embeddings=self.max_position_embeddings)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
@@ -63,23 +56,6 @@ class LLMConfig:
                              f"expected one of {REMAT_POLICIES}")
         parse_dtype(self.dtype)
         parse_dtype(self.param_dtype)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LLMConfig:
-        """Build from a dict / ConfigDict; unknown keys are an error (typos must not pass)."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"LLMConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **kw: Any) -> LLMConfig:
-        return dataclasses.replace(self, **kw)
 
     def num_params(self) -> int:
         """Parameter count (embeddings included once when tied)."""

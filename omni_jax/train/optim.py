@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import optax
 
+from omni_jax.config_base import StrictConfig
 from omni_jax.train.stages import StageConfig, multi_transform
 
 SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(StrictConfig):
     """AdamW + warmup/decay schedule + global-norm clipping (clip_norm <= 0 disables)."""
 
     lr: float = 1e-3
@@ -34,17 +34,6 @@ class OptimConfig:
         if self.lr < 0 or self.warmup_steps < 0 or not 0 <= self.end_lr_ratio <= 1:
             raise ValueError(f"OptimConfig: need lr >= 0, warmup_steps >= 0, 0 <= end_lr_ratio "
                              f"<= 1, got {self.lr}, {self.warmup_steps}, {self.end_lr_ratio}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> OptimConfig:
-        """Build from a dict / ConfigDict; unknown keys are an error."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"OptimConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**d)
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

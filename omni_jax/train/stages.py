@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import optax
 
+from omni_jax.config_base import StrictConfig
+
 FREEZE, TRAIN = "freeze", "train"
 
 
@@ -33,7 +35,7 @@ class LRGroup:
 
 
 @dataclasses.dataclass(frozen=True)
-class StageConfig:
+class StageConfig(StrictConfig):
     """Stage settings: trainable regexes, named LR groups and {loss name: weight | options}."""
 
     name: str = "default"
@@ -58,17 +60,6 @@ class StageConfig:
         object.__setattr__(self, "lr_groups", groups)
         object.__setattr__(self, "losses", {k: (v if isinstance(v, int | float) else dict(v))
                                             for k, v in dict(self.losses).items()})
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> StageConfig:
-        """Build from a dict / ConfigDict; unknown keys are an error."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"StageConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**d)
 
 
 def path_str(path: tuple[Any, ...]) -> str:

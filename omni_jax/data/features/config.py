@@ -3,43 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from omni_jax.config_base import StrictConfig, check_positive
 
 RESAMPLE_TYPES = ("soxr_vhq", "soxr_hq", "soxr_mq", "soxr_lq", "polyphase", "kaiser_best",
                   "kaiser_fast", "fft", "scipy")
 IMAGE_RESAMPLE = ("bicubic", "bilinear", "nearest", "lanczos")
 
 
-def _positive(cls_name: str, **values: int | float) -> None:
-    for name, v in values.items():
-        if v is None or v <= 0:
-            raise ValueError(f"{cls_name}.{name} must be positive, got {v!r}")
-
-
-class _DictMixin:
-    """`from_dict` that rejects unknown keys, `to_dict`, `replace` (as in omni_jax.llm.config)."""
+class _DictMixin(StrictConfig):
+    """StrictConfig whose `from_dict` turns lists into tuples."""
 
     @classmethod
-    def from_dict(cls: type[T], d: Mapping[str, Any]) -> T:
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
+    def _coerce(cls, d: dict[str, Any]) -> dict[str, Any]:
         for k, v in d.items():  # ml_collections / JSON give lists where tuples are meant
             if isinstance(v, list):
                 d[k] = tuple(v)
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    def replace(self: T, **kw: Any) -> T:
-        return dataclasses.replace(self, **kw)  # type: ignore[type-var]
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +41,10 @@ class AudioConfig(_DictMixin):
     max_chunks: int = 25  # chunk_waveform: at most this many chunks (Ola)
 
     def __post_init__(self) -> None:
-        _positive("AudioConfig", sampling_rate=self.sampling_rate, n_mels=self.n_mels,
-                  n_fft=self.n_fft, hop_length=self.hop_length, chunk_seconds=self.chunk_seconds,
-                  log_floor=self.log_floor, dynamic_range=self.dynamic_range,
-                  max_chunks=self.max_chunks)
+        check_positive("AudioConfig", sampling_rate=self.sampling_rate, n_mels=self.n_mels,
+                       n_fft=self.n_fft, hop_length=self.hop_length,
+                       chunk_seconds=self.chunk_seconds, log_floor=self.log_floor,
+                       dynamic_range=self.dynamic_range, max_chunks=self.max_chunks)
         if self.n_fft % 2:
             raise ValueError(f"AudioConfig.n_fft must be even (centered frames), got {self.n_fft}")
         if self.hop_length > self.n_fft:
@@ -105,9 +86,10 @@ class ImageConfig(_DictMixin):
     size_multiple: int = 32  # Ola: sides multiple of patch (16) x pooling (2)
 
     def __post_init__(self) -> None:
-        _positive("ImageConfig", image_size=self.image_size, rescale_factor=self.rescale_factor,
-                  max_tiles=self.max_tiles, lowres_area=self.lowres_area,
-                  highres_max_area=self.highres_max_area, size_multiple=self.size_multiple)
+        check_positive("ImageConfig", image_size=self.image_size,
+                       rescale_factor=self.rescale_factor, max_tiles=self.max_tiles,
+                       lowres_area=self.lowres_area, highres_max_area=self.highres_max_area,
+                       size_multiple=self.size_multiple)
         if self.resample not in IMAGE_RESAMPLE:
             raise ValueError(f"ImageConfig.resample {self.resample!r} unknown; expected one of "
                              f"{IMAGE_RESAMPLE}")
@@ -131,7 +113,7 @@ class VideoConfig(_DictMixin):
     size_multiple: int = 1  # round frame sides to a multiple of this (1 = no rounding)
 
     def __post_init__(self) -> None:
-        _positive("VideoConfig", num_frames=self.num_frames, min_area=self.min_area,
-                  max_area=self.max_area, size_multiple=self.size_multiple)
+        check_positive("VideoConfig", num_frames=self.num_frames, min_area=self.min_area,
+                       max_area=self.max_area, size_multiple=self.size_multiple)
         if self.min_area > self.max_area:
             raise ValueError(f"VideoConfig: min_area={self.min_area} > max_area={self.max_area}")
