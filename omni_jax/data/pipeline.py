@@ -28,6 +28,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from omni_jax.config_base import StrictConfig
 from omni_jax.data import packing
 from omni_jax.data.sources import ON_CORRUPT, JsonlSource, TfdsSource
 
@@ -35,18 +36,8 @@ SOURCE_KINDS = ("jsonl", "tfds")
 EncodeFn = Callable[[dict[str, Any]], Mapping[str, np.ndarray]]
 
 
-def _from_dict(cls, d: Mapping[str, Any]):
-    d = dict(d.to_dict() if isinstance(d, ml_collections.ConfigDict) else d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected a subset of "
-                         f"{sorted(known)}")
-    return d
-
-
 @dataclasses.dataclass(frozen=True)
-class SourceConfig:
+class SourceConfig(StrictConfig):
     """One mixture component: where records come from and its sampling weight."""
 
     kind: str = "jsonl"  # "jsonl" (path: manifest file(s)) | "tfds" (path: dataset dir)
@@ -68,10 +59,6 @@ class SourceConfig:
             object.__setattr__(self, "path", tuple(self.path))
         object.__setattr__(self, "required_fields", tuple(self.required_fields))
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SourceConfig:
-        return cls(**_from_dict(cls, d))
-
     def build(self) -> JsonlSource | TfdsSource:
         if not self.path:
             raise ValueError(f"SourceConfig: a {self.kind} source needs a path")
@@ -82,7 +69,7 @@ class SourceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(StrictConfig):
     """Pipeline hyper-parameters (one per training stage)."""
 
     sources: Mapping[str, SourceConfig] = dataclasses.field(default_factory=dict)
@@ -130,11 +117,6 @@ class DataConfig:
                              f"got {self.num_epochs}")
         if self.read_threads < 0 or self.prefetch_buffer < 0:
             raise ValueError("DataConfig.read_threads and prefetch_buffer must be >= 0")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
-        """From a dict / ConfigDict; unknown keys are an error."""
-        return cls(**_from_dict(cls, d))
 
     @property
     def max_len(self) -> int:
