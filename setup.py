@@ -1,4 +1,4 @@
-"""omni_jax: omni-modal language models in JAX/Flax (text, image, video, audio in; text and speech out)."""
+"""omni_jax: omni-modal LLMs in JAX/Flax (text, image, video, audio in; text and speech out)."""
 
 from setuptools import find_packages, setup
 
