@@ -44,16 +44,18 @@ def user_record(text: str, *, images: Sequence[Any] = (), videos: Sequence[Any] 
     return {"messages": messages, **{_RECORD_MEDIA[m]: v for m, v in media.items() if v}}
 
 
-def prompt_from_record(encoder: Any, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def prompt_from_record(encoder: Any, record: Mapping[str, Any],
+                       media: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Omni record ending in a user turn -> a batch of one prompt: input_ids / modality
     [1, seq] (ChatTemplate with add_generation_prompt=True, placeholders expanded to the
-    towers' token counts) plus the media arrays of `encoder` (a data.omni.OmniEncoder)."""
+    towers' token counts) plus the media arrays of `encoder` (a data.omni.OmniEncoder), or
+    `media`: the record's items already decoded (encoder.media(record))."""
     messages = record.get("messages") if isinstance(record, Mapping) else None
     if not messages or not isinstance(messages[-1], Mapping) \
             or messages[-1].get("role") != "user":
         raise ValueError("prompt_from_record: record['messages'] must be a non-empty list "
                          "ending with a user turn (the model answers it)")
-    media = encoder.media(record)
+    media = encoder.media(record) if media is None else dict(media)
     counts = {m: [encoder.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
     ex = encoder.template.encode(messages, media_token_counts=counts, add_generation_prompt=True)
     return {"input_ids": ex.input_ids[None], "modality": ex.modality[None], **media}
@@ -97,8 +99,8 @@ def collate_prompts(prompts: Sequence[Mapping[str, np.ndarray]], pad_id: int
 # ---- validation ---------------------------------------------------------------------------
 def _prepare(model: OmniModel, variables: Any, batch: Mapping[str, Any],
              max_new_tokens: int | None, eos_id: int | None, pad_id: int,
-             sampling: SamplingConfig, rng: Any, max_len: int | None
-             ) -> tuple[dict[str, Any], int, int]:
+             sampling: SamplingConfig, rng: Any, max_len: int | None,
+             vocab_limit: int | None) -> tuple[dict[str, Any], int, int]:
     """Check every argument before compute -> (device batch with segment_ids/positions,
     max_new_tokens, max_len)."""
     if not isinstance(model, OmniModel):
@@ -146,6 +148,10 @@ def _prepare(model: OmniModel, variables: Any, batch: Mapping[str, Any],
                                 or not 0 <= tid < cfg.vocab_size):
             raise ValueError(f"generate_omni: {name}={tid!r} is outside the vocabulary "
                              f"[0, {cfg.vocab_size})")
+    if vocab_limit is not None and (not isinstance(vocab_limit, int)
+                                    or not 0 < vocab_limit <= cfg.vocab_size):
+        raise ValueError(f"generate_omni: vocab_limit must be an int in [1, {cfg.vocab_size}] "
+                         f"(the LLM vocab_size), got {vocab_limit!r}")
     prompt = ids.shape[1]
     limit = cfg.max_position_embeddings
     if max_len is None:
@@ -200,7 +206,10 @@ def _token_logits(model: OmniModel, variables: Any, tok: jax.Array, pos: jax.Arr
 
 
 def _emit(logits: jax.Array, done: jax.Array, rng: jax.Array, sampling: SamplingConfig,
-          eos_id: int | None, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+          eos_id: int | None, pad_id: int, vocab_limit: int | None
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    if vocab_limit is not None:  # ids past the tokenizer's (a padded embedding) never come out
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     rng, key = jax.random.split(rng)
     tok = jnp.where(done, pad_id, sample_logits(logits, key, sampling))
     if eos_id is not None:
@@ -209,15 +218,16 @@ def _emit(logits: jax.Array, done: jax.Array, rng: jax.Array, sampling: Sampling
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id",
-                                             "pad_id"))
+                                             "pad_id", "vocab_limit"))
 def _decode(model: OmniModel, variables: Any, logits: jax.Array, cache: dict,
             next_pos: jax.Array, rng: jax.Array, *, max_new_tokens: int,
-            sampling: SamplingConfig, eos_id: int | None, pad_id: int
-            ) -> tuple[jax.Array, jax.Array]:
+            sampling: SamplingConfig, eos_id: int | None, pad_id: int,
+            vocab_limit: int | None) -> tuple[jax.Array, jax.Array]:
     """while_loop over one compiled text step; stops when every row has emitted EOS."""
     b = logits.shape[0]
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    tok, done, rng = _emit(logits, jnp.zeros((b,), bool), rng, sampling, eos_id, pad_id)
+    tok, done, rng = _emit(logits, jnp.zeros((b,), bool), rng, sampling, eos_id, pad_id,
+                           vocab_limit)
     tokens = tokens.at[:, 0].set(tok)
 
     def cond(state):
@@ -226,7 +236,7 @@ def _decode(model: OmniModel, variables: Any, logits: jax.Array, cache: dict,
     def body(state):
         t, tok, cache, tokens, done, rng = state
         logits, cache = _token_logits(model, variables, tok, next_pos + t - 1, cache)
-        tok, done, rng = _emit(logits, done, rng, sampling, eos_id, pad_id)
+        tok, done, rng = _emit(logits, done, rng, sampling, eos_id, pad_id, vocab_limit)
         return t + 1, tok, cache, tokens.at[:, t].set(tok), done, rng
 
     state = (jnp.ones((), jnp.int32), tok, cache, tokens, done, rng)
@@ -234,19 +244,20 @@ def _decode(model: OmniModel, variables: Any, logits: jax.Array, cache: dict,
     return tokens, steps
 
 
-@functools.partial(jax.jit, static_argnames=("sampling", "eos_id", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("sampling", "eos_id", "pad_id", "vocab_limit"))
 def _first(logits: jax.Array, rng: jax.Array, *, sampling: SamplingConfig, eos_id: int | None,
-           pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return _emit(logits, jnp.zeros((logits.shape[0],), bool), rng, sampling, eos_id, pad_id)
+           pad_id: int, vocab_limit: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    done = jnp.zeros((logits.shape[0],), bool)
+    return _emit(logits, done, rng, sampling, eos_id, pad_id, vocab_limit)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id", "pad_id"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id", "pad_id",
+                                             "vocab_limit"), donate_argnames=("cache",))
 def _step(model: OmniModel, variables: Any, tok: jax.Array, pos: jax.Array, cache: dict,
           done: jax.Array, rng: jax.Array, *, sampling: SamplingConfig, eos_id: int | None,
-          pad_id: int) -> tuple[jax.Array, dict, jax.Array, jax.Array]:
+          pad_id: int, vocab_limit: int | None) -> tuple[jax.Array, dict, jax.Array, jax.Array]:
     logits, cache = _token_logits(model, variables, tok, pos, cache)
-    tok, done, rng = _emit(logits, done, rng, sampling, eos_id, pad_id)
+    tok, done, rng = _emit(logits, done, rng, sampling, eos_id, pad_id, vocab_limit)
     return tok, cache, done, rng
 
 
@@ -254,7 +265,7 @@ def _step(model: OmniModel, variables: Any, tok: jax.Array, pos: jax.Array, cach
 def generate_omni(model: OmniModel, variables: Any, batch: Mapping[str, Any], *,
                   max_new_tokens: int | None, eos_id: int | None,
                   sampling: SamplingConfig = GREEDY, rng: jax.Array | None = None,
-                  max_len: int | None = None, pad_id: int = 0,
+                  max_len: int | None = None, pad_id: int = 0, vocab_limit: int | None = None,
                   cache_dtype: str | Any = "float32") -> jax.Array:
     """Generate after a (padded) omni prompt -> tokens [batch, steps] int32.
 
@@ -262,30 +273,31 @@ def generate_omni(model: OmniModel, variables: Any, batch: Mapping[str, Any], *,
     media arrays as OmniModel takes them). Stops after max_new_tokens or when every row has
     emitted eos_id (steps <= max_new_tokens; a row's EOS is kept, pad_id after it).
     max_len: KV cache length (default prompt_len + max_new_tokens; with max_new_tokens=None,
-    max_position_embeddings, and generation runs to EOS within it).
+    max_position_embeddings, and generation runs to EOS within it). vocab_limit: only ids
+    below it are generated (the tokenizer's size when the embedding table is padded larger).
     """
     dev, max_new_tokens, max_len = _prepare(model, variables, batch, max_new_tokens, eos_id,
-                                            pad_id, sampling, rng, max_len)
+                                            pad_id, sampling, rng, max_len, vocab_limit)
     logits, cache, next_pos = _prefill(model, variables, dev, max_len=max_len,
                                        cache_dtype=parse_dtype(cache_dtype))
     rng = jax.random.key(0) if rng is None else rng
     tokens, steps = _decode(model, variables, logits, cache, next_pos, rng,
                             max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id,
-                            pad_id=pad_id)
+                            pad_id=pad_id, vocab_limit=vocab_limit)
     return tokens[:, :int(steps)]
 
 
 def stream_omni(model: OmniModel, variables: Any, batch: Mapping[str, Any], *,
                 max_new_tokens: int | None, eos_id: int | None,
                 sampling: SamplingConfig = GREEDY, rng: jax.Array | None = None,
-                max_len: int | None = None, pad_id: int = 0,
+                max_len: int | None = None, pad_id: int = 0, vocab_limit: int | None = None,
                 cache_dtype: str | Any = "float32") -> Iterator[np.ndarray]:
     """`generate_omni` one step at a time: yields each step's tokens [batch] (host int32) as
     soon as they exist; the same tokens as generate_omni (same rng use). Arguments are
     checked when called, before the first token."""
     dev, max_new_tokens, max_len = _prepare(model, variables, batch, max_new_tokens, eos_id,
-                                            pad_id, sampling, rng, max_len)
-    kw = {"sampling": sampling, "eos_id": eos_id, "pad_id": pad_id}
+                                            pad_id, sampling, rng, max_len, vocab_limit)
+    kw = {"sampling": sampling, "eos_id": eos_id, "pad_id": pad_id, "vocab_limit": vocab_limit}
 
     def steps() -> Iterator[np.ndarray]:
         logits, cache, next_pos = _prefill(model, variables, dev, max_len=max_len,

@@ -117,8 +117,9 @@ def test_stream_yields_the_same_tokens(tiny, media_batch):
     model, variables = tiny
     kw = dict(max_new_tokens=NEW, eos_id=None,
               sampling=SamplingConfig(greedy=False, temperature=2.0, top_k=20),
-              rng=jax.random.key(5))
+              rng=jax.random.key(5), vocab_limit=100)
     want = np.asarray(generate_omni(model, variables, media_batch, **kw))
+    assert want.max() < 100 and len(np.unique(want)) > 3  # sampled, within the limit
     steps = list(stream_omni(model, variables, media_batch, **kw))
     assert len(steps) == NEW and steps[0].shape == (2,)
     np.testing.assert_array_equal(np.stack(steps, axis=1), want)
@@ -182,6 +183,8 @@ def test_bad_input_errors(tiny, media_batch):
                                          "segment_ids": 2 * media_batch["segment_ids"]}, **kw)
     with pytest.raises(ValueError, match="eos_id=512 is outside the vocabulary"):
         generate_omni(model, variables, media_batch, max_new_tokens=2, eos_id=512)
+    with pytest.raises(ValueError, match="vocab_limit must be an int in \\[1, 512\\]"):
+        generate_omni(model, variables, media_batch, vocab_limit=513, **kw)
     with pytest.raises(ValueError, match="sampling \\(greedy=False\\) needs an rng key"):
         stream_omni(model, variables, media_batch, sampling=SamplingConfig(greedy=False), **kw)
     with pytest.raises(ValueError, match="variables must be a mapping \\{'params'"):

@@ -1,0 +1,210 @@
+"""Chat with a trained recipe: `python -m omni_jax.cli.chat --config RECIPE[:ARG] --workdir DIR
+--prompt "..." [--image PATH] [--audio PATH] [--video PATH|FRAME_DIR] [--stage NAME]
+[--max_new_tokens N] [--stream] [--speak_dir DIR]`.
+
+Loads the final parameters of a stage trained by omni_jax.cli.train in DIR (default: the last
+finished stage of config.stage_order) and the recipe's tokenizer; give the same --config and
+--config.* overrides as for training (tokenizer path, steps). The answer is printed whole, or
+with --stream sentence by sentence as it decodes (Ola-style); --speak_dir speaks each sentence
+to a wav there (espeak-ng; infer.stream's pluggable `speak` hook). Media flags repeat for
+several items. Bad input (no finished stage, media for a modality the model lacks, unreadable
+media, a prompt too long for the model) prints the error and exits with status 2.
+--config/--workdir/--stage are the train CLI's flags (one recipe loader for both).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import flags
+
+from omni_jax.cli import train as train_cli
+from omni_jax.infer.generate import SamplingConfig
+from omni_jax.infer.omni import (
+    GREEDY,
+    generate_omni,
+    prompt_from_record,
+    stream_omni,
+    user_record,
+)
+from omni_jax.omni_config import MODALITIES, OmniConfig
+
+RECORD_KEYS = {"image": "images", "video": "videos", "audio": "audios"}
+_FRAME_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _media_refs(modality: str, path: str) -> Any:
+    """A --image/--audio/--video path -> a record ref (a frame directory -> its frame list)."""
+    if modality == "video" and os.path.isdir(path):
+        frames = sorted(os.path.join(path, f) for f in os.listdir(path)
+                        if f.lower().endswith(_FRAME_EXTS))
+        if not frames:
+            raise ValueError(f"cannot read --video {path!r}: a directory without image frames "
+                             f"({', '.join(_FRAME_EXTS)})")
+        return frames
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read --{modality} {path!r}: no such readable file")
+    return path
+
+
+def _load_media(encoder: Any, media: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Decode every item (one at a time, so an error names its file) -> batch media arrays."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for m, paths in media.items():
+        for path in paths:
+            ref = _media_refs(m, path)
+            try:
+                arrays = encoder.media({RECORD_KEYS[m]: [ref]})
+            except Exception as e:  # noqa: BLE001 - any decoder failure is unreadable input
+                raise ValueError(f"cannot read --{m} {path!r} as {m}: {e}") from e
+            for key, value in arrays.items():
+                parts.setdefault(key, []).append(value)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def pick_stage(config: ml_collections.ConfigDict, workdir: str, model: Any,
+               stage: str | None = None) -> train_cli.StagePlan:
+    """The plan of `stage` (it must have finished) or of the last finished stage."""
+    plans = train_cli.make_plan(config, model)
+    names = [p.name for p in plans]
+    if stage is not None and stage not in names:
+        raise ValueError(f"unknown stage {stage!r}; recipe {config.recipe!r} has stages {names}")
+    finished = [p for p in plans if train_cli.stage_finished(workdir, p)]
+    if stage is not None:
+        if stage not in [p.name for p in finished]:
+            raise ValueError(f"stage {stage!r} has not finished in {workdir} (no final "
+                             f"checkpoint); finished: {[p.name for p in finished] or 'none'}")
+        return plans[names.index(stage)]
+    if not finished:
+        raise ValueError(f"no finished stage in {workdir}: none of {names} has its final "
+                         "checkpoint; train first (python -m omni_jax.cli.train with the same "
+                         "--config) or check --workdir")
+    return finished[-1]
+
+
+def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
+             stage: str | None = None, images: Sequence[str] = (), audios: Sequence[str] = (),
+             videos: Sequence[str] = (), system: str | None = None, max_new_tokens: int = 256,
+             sampling: SamplingConfig = GREEDY, seed: int = 0, stream: bool = False,
+             speak_dir: str | None = None, voice: str | None = None,
+             echo: Callable[[str], None] = print) -> str:
+    """Answer one user turn with a trained stage; -> the answer text (also echoed: whole, or
+    one sentence per call with stream). Inputs are checked before the parameters load."""
+    import flax.linen as nn
+    import jax
+
+    from omni_jax.data.features.config import AudioConfig
+    from omni_jax.data.omni import OmniEncoder
+    from omni_jax.data.template import ChatTemplate
+    from omni_jax.data.tokenizer import load_tokenizer
+    from omni_jax.infer.stream import espeak_tts, stream_text
+    from omni_jax.train.omni_model import OmniLM
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("--prompt must be a non-empty string")
+    omni = OmniConfig.from_dict(config.model.to_dict())
+    media = {"image": list(images), "video": list(videos), "audio": list(audios)}
+    towers = [m for m in MODALITIES if getattr(omni, m) is not None and not config.text_only]
+    for m, paths in media.items():
+        if paths and m not in towers:
+            raise ValueError(f"--{m} given but the model of recipe {config.recipe!r} "
+                             f"({config.model_name}) has no {m} tower"
+                             + (" (text_only recipe)" if config.text_only else "")
+                             + f"; it takes: {', '.join(towers) or 'text only'}")
+    if not config.tokenizer.path:
+        raise ValueError("no tokenizer: set --config.tokenizer.path as for training")
+    tok = load_tokenizer(config.tokenizer.to_dict())
+    encoder = OmniEncoder(omni, ChatTemplate(tok),
+                          audio=AudioConfig.from_dict(config.audio_features.to_dict()))
+    arrays = _load_media(encoder, {m: p for m, p in media.items() if p})
+    batch = prompt_from_record(encoder, user_record(prompt, system=system, **{
+        RECORD_KEYS[m]: p for m, p in media.items()}), media=arrays)
+    lm = OmniLM(omni, config.train.get("fused_head_chunk"))
+    plan = pick_stage(config, workdir, lm, stage)
+    variables = {"params": nn.unbox(train_cli.final_params(workdir, plan, lm))}
+    kw = dict(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+              sampling=sampling, rng=jax.random.key(seed), vocab_limit=tok.vocab_size)
+    if not stream and speak_dir is None:
+        ids = np.asarray(generate_omni(lm.module, variables, batch, **kw))[0]
+        ids = ids[:np.argmax(ids == tok.eos_id)] if (ids == tok.eos_id).any() else ids
+        answer = tok.decode(ids.tolist()).strip()
+        echo(answer)
+        return answer
+    speak = espeak_tts(speak_dir, voice) if speak_dir is not None else None
+    rows = (int(t[0]) for t in stream_omni(lm.module, variables, batch, **kw))
+    text, sentences = [], []
+    for delta, done in stream_text(rows, tok.decode, eos_id=tok.eos_id, speak=speak):
+        text.append(delta)
+        sentences += done
+        for s in done if stream else ():
+            echo(s)
+    answer = "".join(text).strip()
+    if not stream:
+        echo(answer)
+    if speak is not None and speak.paths:
+        print(f"spoke {len(speak.paths)} sentence(s) to {speak_dir}", file=sys.stderr)
+    return answer
+
+
+# ---- command line ---------------------------------------------------------------------------
+flags.DEFINE_string("prompt", None, "the user's message")
+flags.DEFINE_multi_string("image", [], "image file (repeat for several)")
+flags.DEFINE_multi_string("audio", [], "audio file (repeat for several)")
+flags.DEFINE_multi_string("video", [], "video file or directory of frames (repeatable)")
+flags.DEFINE_string("system", None, "system prompt (default: the template's)")
+flags.DEFINE_integer("max_new_tokens", 256, "most tokens to generate")
+flags.DEFINE_float("temperature", 0.0, "0: greedy; else sample at this temperature")
+flags.DEFINE_integer("top_k", 0, "sampling: keep the k most likely tokens (0: all)")
+flags.DEFINE_float("top_p", 1.0, "sampling: nucleus mass")
+flags.DEFINE_integer("seed", 0, "sampling rng seed")
+flags.DEFINE_bool("stream", False, "print the answer sentence by sentence as it decodes")
+flags.DEFINE_string("speak_dir", None, "speak each sentence to a wav in this directory")
+flags.DEFINE_string("voice", None, "espeak-ng voice (default: cmn for CJK text, else en)")
+FLAGS = flags.FLAGS
+
+
+def _resolve_argv(argv: list[str]) -> list[str]:
+    """Recipe names in --config become config file paths (as the train CLI does)."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            path, arg = train_cli.resolve_recipe(a.split("=", 1)[1])
+            out[i] = f"--config={path}" + (f":{arg}" if arg else "")
+        elif a == "--config" and i + 1 < len(out):
+            path, arg = train_cli.resolve_recipe(out[i + 1])
+            out[i + 1] = path + (f":{arg}" if arg else "")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        argv = _resolve_argv(argv)
+        sys.argv = argv  # config_flags finds the --config.* overrides to define in sys.argv
+        FLAGS(argv)
+        if FLAGS.config is None or not FLAGS.workdir or FLAGS.prompt is None:
+            raise ValueError("--config, --workdir and --prompt are required")
+        sampling = GREEDY if FLAGS.temperature == 0 else SamplingConfig(
+            greedy=False, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+        run_chat(FLAGS.config, FLAGS.workdir, FLAGS.prompt, stage=FLAGS.stage,
+                 images=FLAGS.image, audios=FLAGS.audio, videos=FLAGS.video,
+                 system=FLAGS.system, max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
+                 seed=FLAGS.seed, stream=FLAGS.stream, speak_dir=FLAGS.speak_dir,
+                 voice=FLAGS.voice, echo=lambda s: print(s, flush=True))
+    except (ValueError, flags.Error) as e:
+        msg = str(e)
+        if "Traceback" in msg:  # config_flags wraps errors raised by get_config
+            msg = [line for line in msg.splitlines() if line.strip()][-1]
+            msg = msg.removeprefix("ValueError: ")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
