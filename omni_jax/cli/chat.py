@@ -127,18 +127,20 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
     lm = OmniLM(omni, config.train.get("fused_head_chunk"))
     plan = pick_stage(config, workdir, lm, stage)
     variables = {"params": nn.unbox(train_cli.final_params(workdir, plan, lm))}
-    kw = dict(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+    stops = (tok.eos_id, tok.endoftext_id)  # Qwen2 chat: <|im_end|>, <|endoftext|>
+    kw = dict(max_new_tokens=max_new_tokens, eos_id=stops, pad_id=tok.pad_id,
               sampling=sampling, rng=jax.random.key(seed), vocab_limit=tok.vocab_size)
     if not stream and speak_dir is None:
         ids = np.asarray(generate_omni(lm.module, variables, batch, **kw))[0]
-        ids = ids[:np.argmax(ids == tok.eos_id)] if (ids == tok.eos_id).any() else ids
+        end = np.isin(ids, stops)
+        ids = ids[:np.argmax(end)] if end.any() else ids
         answer = tok.decode(ids.tolist()).strip()
         echo(answer)
         return answer
     speak = espeak_tts(speak_dir, voice) if speak_dir is not None else None
     rows = (int(t[0]) for t in stream_omni(lm.module, variables, batch, **kw))
     text, sentences = [], []
-    for delta, done in stream_text(rows, tok.decode, eos_id=tok.eos_id, speak=speak):
+    for delta, done in stream_text(rows, tok.decode, eos_id=stops, speak=speak):
         text.append(delta)
         sentences += done
         for s in done if stream else ():
@@ -196,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  system=FLAGS.system, max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
                  seed=FLAGS.seed, stream=FLAGS.stream, speak_dir=FLAGS.speak_dir,
                  voice=FLAGS.voice, echo=lambda s: print(s, flush=True))
+    except KeyError as e:  # a --config.a.b override naming no field
+        print(f"error: bad --config override: no field {e}", file=sys.stderr)
+        return 2
     except (ValueError, flags.Error) as e:
         msg = str(e)
         if "Traceback" in msg:  # config_flags wraps errors raised by get_config

@@ -30,6 +30,7 @@ PROMPT_KEYS = ("input_ids", "modality", "media_index", "segment_ids", "positions
                AUDIO_WAVE)
 _RECORD_MEDIA = {"image": "images", "video": "videos", "audio": "audios"}
 GREEDY = SamplingConfig()  # the default: argmax decoding
+EosIds = tuple[int, ...] | None  # the compiled pieces' static EOS ids
 
 
 # ---- prompts ------------------------------------------------------------------------------
@@ -98,11 +99,11 @@ def collate_prompts(prompts: Sequence[Mapping[str, np.ndarray]], pad_id: int
 
 # ---- validation ---------------------------------------------------------------------------
 def _prepare(model: OmniModel, variables: Any, batch: Mapping[str, Any],
-             max_new_tokens: int | None, eos_id: int | None, pad_id: int,
+             max_new_tokens: int | None, eos_id: int | Sequence[int] | None, pad_id: int,
              sampling: SamplingConfig, rng: Any, max_len: int | None,
-             vocab_limit: int | None) -> tuple[dict[str, Any], int, int]:
+             vocab_limit: int | None) -> tuple[dict[str, Any], int, int, EosIds]:
     """Check every argument before compute -> (device batch with segment_ids/positions,
-    max_new_tokens, max_len)."""
+    max_new_tokens, max_len, EOS ids as a tuple or None)."""
     if not isinstance(model, OmniModel):
         raise ValueError(f"generate_omni: model must be an OmniModel, got {type(model).__name__}")
     if not isinstance(variables, Mapping) or "params" not in variables:
@@ -143,11 +144,14 @@ def _prepare(model: OmniModel, variables: Any, batch: Mapping[str, Any],
                                        or max_new_tokens <= 0):
         raise ValueError(f"generate_omni: max_new_tokens must be a positive int or None, got "
                          f"{max_new_tokens!r}")
-    for name, tid in (("eos_id", eos_id), ("pad_id", pad_id)):
-        if tid is not None and (not isinstance(tid, int | np.integer)
-                                or not 0 <= tid < cfg.vocab_size):
+    eos = None if eos_id is None else tuple(
+        [eos_id] if isinstance(eos_id, int | np.integer) else eos_id)
+    for name, tid in [("eos_id", t) for t in eos or ()] + [("pad_id", pad_id)]:
+        if not isinstance(tid, int | np.integer) or not 0 <= tid < cfg.vocab_size:
             raise ValueError(f"generate_omni: {name}={tid!r} is outside the vocabulary "
                              f"[0, {cfg.vocab_size})")
+    if eos == ():
+        raise ValueError("generate_omni: eos_id is an empty sequence; give ids or None")
     if vocab_limit is not None and (not isinstance(vocab_limit, int)
                                     or not 0 < vocab_limit <= cfg.vocab_size):
         raise ValueError(f"generate_omni: vocab_limit must be an int in [1, {cfg.vocab_size}] "
@@ -172,7 +176,7 @@ def _prepare(model: OmniModel, variables: Any, batch: Mapping[str, Any],
     dev["segment_ids"] = jnp.asarray(mask, jnp.int32)
     if dev.get("positions") is None:
         dev["positions"] = jnp.asarray(np.maximum(np.cumsum(mask, axis=-1) - 1, 0), jnp.int32)
-    return dev, max_new_tokens, max_len
+    return dev, max_new_tokens, max_len, None if eos is None else tuple(int(t) for t in eos)
 
 
 # ---- compiled pieces -------------------------------------------------------------------------
@@ -206,14 +210,14 @@ def _token_logits(model: OmniModel, variables: Any, tok: jax.Array, pos: jax.Arr
 
 
 def _emit(logits: jax.Array, done: jax.Array, rng: jax.Array, sampling: SamplingConfig,
-          eos_id: int | None, pad_id: int, vocab_limit: int | None
+          eos_id: EosIds, pad_id: int, vocab_limit: int | None
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
     if vocab_limit is not None:  # ids past the tokenizer's (a padded embedding) never come out
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     rng, key = jax.random.split(rng)
     tok = jnp.where(done, pad_id, sample_logits(logits, key, sampling))
-    if eos_id is not None:
-        done = done | (tok == eos_id)
+    if eos_id is not None:  # a tuple of ids
+        done = done | jnp.isin(tok, jnp.asarray(eos_id, jnp.int32))
     return tok, done, rng
 
 
@@ -221,7 +225,7 @@ def _emit(logits: jax.Array, done: jax.Array, rng: jax.Array, sampling: Sampling
                                              "pad_id", "vocab_limit"))
 def _decode(model: OmniModel, variables: Any, logits: jax.Array, cache: dict,
             next_pos: jax.Array, rng: jax.Array, *, max_new_tokens: int,
-            sampling: SamplingConfig, eos_id: int | None, pad_id: int,
+            sampling: SamplingConfig, eos_id: EosIds, pad_id: int,
             vocab_limit: int | None) -> tuple[jax.Array, jax.Array]:
     """while_loop over one compiled text step; stops when every row has emitted EOS."""
     b = logits.shape[0]
@@ -245,7 +249,7 @@ def _decode(model: OmniModel, variables: Any, logits: jax.Array, cache: dict,
 
 
 @functools.partial(jax.jit, static_argnames=("sampling", "eos_id", "pad_id", "vocab_limit"))
-def _first(logits: jax.Array, rng: jax.Array, *, sampling: SamplingConfig, eos_id: int | None,
+def _first(logits: jax.Array, rng: jax.Array, *, sampling: SamplingConfig, eos_id: EosIds,
            pad_id: int, vocab_limit: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     done = jnp.zeros((logits.shape[0],), bool)
     return _emit(logits, done, rng, sampling, eos_id, pad_id, vocab_limit)
@@ -254,7 +258,7 @@ def _first(logits: jax.Array, rng: jax.Array, *, sampling: SamplingConfig, eos_i
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id", "pad_id",
                                              "vocab_limit"), donate_argnames=("cache",))
 def _step(model: OmniModel, variables: Any, tok: jax.Array, pos: jax.Array, cache: dict,
-          done: jax.Array, rng: jax.Array, *, sampling: SamplingConfig, eos_id: int | None,
+          done: jax.Array, rng: jax.Array, *, sampling: SamplingConfig, eos_id: EosIds,
           pad_id: int, vocab_limit: int | None) -> tuple[jax.Array, dict, jax.Array, jax.Array]:
     logits, cache = _token_logits(model, variables, tok, pos, cache)
     tok, done, rng = _emit(logits, done, rng, sampling, eos_id, pad_id, vocab_limit)
@@ -263,7 +267,7 @@ def _step(model: OmniModel, variables: Any, tok: jax.Array, pos: jax.Array, cach
 
 # ---- public API ------------------------------------------------------------------------------
 def generate_omni(model: OmniModel, variables: Any, batch: Mapping[str, Any], *,
-                  max_new_tokens: int | None, eos_id: int | None,
+                  max_new_tokens: int | None, eos_id: int | Sequence[int] | None,
                   sampling: SamplingConfig = GREEDY, rng: jax.Array | None = None,
                   max_len: int | None = None, pad_id: int = 0, vocab_limit: int | None = None,
                   cache_dtype: str | Any = "float32") -> jax.Array:
@@ -271,12 +275,13 @@ def generate_omni(model: OmniModel, variables: Any, batch: Mapping[str, Any], *,
 
     batch: input_ids / modality [batch, prompt_len] (+ segment_ids 0/1 mask for padded rows,
     media arrays as OmniModel takes them). Stops after max_new_tokens or when every row has
-    emitted eos_id (steps <= max_new_tokens; a row's EOS is kept, pad_id after it).
+    emitted eos_id (one id or several, e.g. <|im_end|> and <|endoftext|>; steps <=
+    max_new_tokens; a row's EOS is kept, pad_id after it).
     max_len: KV cache length (default prompt_len + max_new_tokens; with max_new_tokens=None,
     max_position_embeddings, and generation runs to EOS within it). vocab_limit: only ids
     below it are generated (the tokenizer's size when the embedding table is padded larger).
     """
-    dev, max_new_tokens, max_len = _prepare(model, variables, batch, max_new_tokens, eos_id,
+    dev, max_new_tokens, max_len, eos_id = _prepare(model, variables, batch, max_new_tokens, eos_id,
                                             pad_id, sampling, rng, max_len, vocab_limit)
     logits, cache, next_pos = _prefill(model, variables, dev, max_len=max_len,
                                        cache_dtype=parse_dtype(cache_dtype))
@@ -288,14 +293,14 @@ def generate_omni(model: OmniModel, variables: Any, batch: Mapping[str, Any], *,
 
 
 def stream_omni(model: OmniModel, variables: Any, batch: Mapping[str, Any], *,
-                max_new_tokens: int | None, eos_id: int | None,
+                max_new_tokens: int | None, eos_id: int | Sequence[int] | None,
                 sampling: SamplingConfig = GREEDY, rng: jax.Array | None = None,
                 max_len: int | None = None, pad_id: int = 0, vocab_limit: int | None = None,
                 cache_dtype: str | Any = "float32") -> Iterator[np.ndarray]:
     """`generate_omni` one step at a time: yields each step's tokens [batch] (host int32) as
     soon as they exist; the same tokens as generate_omni (same rng use). Arguments are
     checked when called, before the first token."""
-    dev, max_new_tokens, max_len = _prepare(model, variables, batch, max_new_tokens, eos_id,
+    dev, max_new_tokens, max_len, eos_id = _prepare(model, variables, batch, max_new_tokens, eos_id,
                                             pad_id, sampling, rng, max_len, vocab_limit)
     kw = {"sampling": sampling, "eos_id": eos_id, "pad_id": pad_id, "vocab_limit": vocab_limit}
 

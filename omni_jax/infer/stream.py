@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -170,21 +170,23 @@ class IncrementalDecoder:
 
 
 def stream_text(tokens: Iterable[int], decode: Callable[[Sequence[int]], str], *,
-                eos_id: int | None = None, speak: Callable[[str], Any] | None = None,
+                eos_id: int | Collection[int] | None = None,
+                speak: Callable[[str], Any] | None = None,
                 splitter: SentenceSplitter | None = None, background: bool = True
                 ) -> Iterator[tuple[str, list[str]]]:
     """One row's token stream -> yields (text_delta, completed_sentences) per token.
 
-    Stops at eos_id (not decoded). Every sentence goes to `speak` exactly once, in order: on one
-    background worker thread (background=True: decoding continues meanwhile) or inline. The
-    final partial sentence is flushed as a last ("", [sentence]) item. Speech still running
-    when the stream ends is awaited (also when the consumer stops early); an exception raised
-    by `speak` is re-raised then.
+    Stops at eos_id (one id or several; not decoded). Every sentence goes to `speak` exactly
+    once, in order: on one background worker thread (background=True: decoding continues
+    meanwhile) or inline. The final partial sentence is flushed as a last ("", [sentence])
+    item. Speech still running when the stream ends is awaited (also when the consumer stops
+    early); an exception raised by `speak` is re-raised then.
     """
     if splitter is None:
         splitter = SentenceSplitter()
     if speak is not None and not callable(speak):
         raise ValueError(f"stream_text: speak must be callable, got {type(speak).__name__}")
+    stops = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     detok = IncrementalDecoder(decode)
     pool = ThreadPoolExecutor(1, "speak") if speak is not None and background else None
     pending: list[Future] = []
@@ -198,7 +200,7 @@ def stream_text(tokens: Iterable[int], decode: Callable[[Sequence[int]], str], *
 
     try:
         for tok in tokens:
-            if eos_id is not None and int(tok) == eos_id:
+            if int(tok) in stops:
                 break
             delta = detok.push(tok)
             done = splitter.feed(delta) if delta else []

@@ -106,6 +106,16 @@ def test_eos_stops_rows_and_the_loop(tiny, media_batch):
     stop = int(hit[0]) + 1 if len(hit) else NEW  # the loop ends when both rows are done
     assert got.shape == (2, max(2, stop))
     np.testing.assert_array_equal(got[1, :stop], full[1, :stop])
+    # several EOS ids: a row stops at the first of any
+    stops = (int(full[1, 0]), int(full[0, 3]))
+    got2 = np.asarray(generate_omni(model, variables, media_batch, max_new_tokens=NEW,
+                                    eos_id=stops, pad_id=3))
+    for row in range(2):
+        end = int(np.argmax(np.isin(full[row], stops))) + 1 if np.isin(full[row], stops).any() \
+            else NEW
+        np.testing.assert_array_equal(got2[row, :end], full[row, :end])
+        assert (got2[row, end:] == 3).all()
+    assert got2.shape[1] == max(int(np.argmax(np.isin(r, stops))) + 1 for r in full)
     # max_new_tokens=None: runs to EOS (or the end of the cache): the same tokens
     p = media_batch["input_ids"].shape[1]
     out = np.asarray(generate_omni(model, variables, media_batch, max_new_tokens=None,
@@ -183,6 +193,8 @@ def test_bad_input_errors(tiny, media_batch):
                                          "segment_ids": 2 * media_batch["segment_ids"]}, **kw)
     with pytest.raises(ValueError, match="eos_id=512 is outside the vocabulary"):
         generate_omni(model, variables, media_batch, max_new_tokens=2, eos_id=512)
+    with pytest.raises(ValueError, match="eos_id=-1 is outside the vocabulary"):
+        generate_omni(model, variables, media_batch, max_new_tokens=2, eos_id=(3, -1))
     with pytest.raises(ValueError, match="vocab_limit must be an int in \\[1, 512\\]"):
         generate_omni(model, variables, media_batch, vocab_limit=513, **kw)
     with pytest.raises(ValueError, match="sampling \\(greedy=False\\) needs an rng key"):

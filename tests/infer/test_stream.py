@@ -108,6 +108,9 @@ def test_speak_errors_surface_and_inline_mode():
     got = []
     list(stream_text(ids, decode, speak=got.append, background=False))
     assert got == ["One.", "Two.", "Three"]
+    got = []  # several stop ids: the first one met ends the stream (pieces: "One", ". T", ...)
+    list(stream_text(ids, decode, eos_id={eos, 2}, speak=got.append, background=False))
+    assert got == ["One.", "T"]
 
     def broken(sentence):
         raise RuntimeError(f"tts down at {sentence}")
