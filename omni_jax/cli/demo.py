@@ -1,7 +1,8 @@
-"""End-to-end smoke demo (`make demo`): offline data -> tokenizer -> a multi-stage omni recipe
-on the tiny model -> export of the LLM to Hugging Face format -> parity check in transformers.
+"""End-to-end demo (`make demo`): offline data -> tokenizer -> a multi-stage omni recipe on the
+tiny model -> a spoken-out answer about an image (sentence-wise streaming to espeak-ng) ->
+export of the LLM to Hugging Face format -> parity check in transformers.
 
-  python -m omni_jax.cli.demo --workdir runs/demo [--recipe ola] [--steps 30]
+  python -m omni_jax.cli.demo --workdir runs/demo [--recipe ola] [--steps 80]
 
 Everything is local: digit images from scikit-learn, speech from espeak-ng (tones if it is
 missing), a SentencePiece tokenizer trained on the fixture text. Re-running resumes/skips
@@ -35,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--recipe", default="ola", help="ola | capybara | openomni | ovis | xvila")
-    ap.add_argument("--steps", type=int, default=30, help="training steps per stage")
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every stage")
+    ap.add_argument("--steps", type=int, default=80, help="training steps per stage")
+    ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate of every stage")
     args = ap.parse_args(argv)
     if args.steps <= 0:
         print("error: --steps must be positive", file=sys.stderr)
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from omni_jax.cli import check_logits
+    from omni_jax.cli.chat import run_chat
     from omni_jax.cli.train import final_params, load_recipe, make_plan, run
     from omni_jax.convert.qwen2 import export_qwen2
     from omni_jax.omni_config import OmniConfig
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[1/4] fixture data and tokenizer -> {data_dir}")
+    print(f"[1/5] fixture data and tokenizer -> {data_dir}")
     manifests, spm = _prepare_data(data_dir, config.model.llm.vocab_size)
     for name, path in manifests.items():
         with open(path) as f:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in config.stage_order:
         config.stages[name].steps = args.steps
         config.stages[name].optim.lr = args.lr
-    print(f"[2/4] recipe {config.recipe} on the tiny model: stages {list(config.stage_order)}")
+    print(f"[2/5] recipe {config.recipe} on the tiny model: stages {list(config.stage_order)}")
     lines: list[str] = []
 
     def echo(line: str) -> None:
@@ -82,13 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     model = OmniLM(OmniConfig.from_dict(config.model.to_dict()))
     plans = make_plan(config, model, count_data=False)
     params = final_params(os.path.join(workdir, "train"), plans[-1], model)
+    with open(manifests["image_qa"]) as f:
+        record = json.loads(f.readline())
+    image = os.path.join(data_dir, record["images"][0])
+    question = record["messages"][0]["content"][-1]["text"]
+    truth = record["messages"][1]["content"]
+    print(f"[3/5] ask the trained model about {os.path.relpath(image, workdir)}: {question!r} "
+          f"(reference answer {truth!r}); sentences stream to {workdir}/speech")
+    answer = run_chat(config, os.path.join(workdir, "train"), question, images=[image],
+                      max_new_tokens=32, stream=True, speak_dir=os.path.join(workdir, "speech"),
+                      echo=lambda s: print(f"      > {s}"))
     hf_dir = os.path.join(workdir, "hf_llm")
-    print(f"[3/4] export the trained LLM to Hugging Face format -> {hf_dir}")
+    print(f"[4/5] export the trained LLM to Hugging Face format -> {hf_dir}")
     export_qwen2(model.config.llm, {"params": jax.device_get(params["llm"])}, hf_dir)
-    print("[4/4] transformers vs omni_jax on the exported checkpoint:")
+    print("[5/5] transformers vs omni_jax on the exported checkpoint:")
     rc = check_logits.main(["--hf", hf_dir, "--seq", "16"])
     losses = [ln for ln in lines if ": loss " in ln]
     summary = {"recipe": config.recipe, "stages": status, "losses": losses,
+               "question": question, "reference": truth, "answer": answer,
                "parity_ok": rc == 0, "seconds": round(time.time() - t0, 1),
                "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params)))}
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
