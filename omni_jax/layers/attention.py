@@ -107,9 +107,16 @@ class Attention(nn.Module):
         With `kv` (this layer's cache) the new keys/values are written at slot `index` and the
         queries attend over the whole cache; the updated cache is returned.
         """
-        q = self._proj(self.num_heads, self.q_bias, "q")(x)  # [batch, seq, heads, head_dim]
-        k = self._proj(self.num_kv_heads, self.k_bias, "k")(x)  # [batch, seq, kv_heads, head_dim]
-        v = self._proj(self.num_kv_heads, self.v_bias, "v")(x)
+        # projections on [batch * seq, embed]: their kernel gradients then contract one axis,
+        # which XLA:CPU runs without transposed copies of the activations (see bench/README.md)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        q = self._proj(self.num_heads, self.q_bias, "q")(x2).reshape(
+            *lead, self.num_heads, self.head_dim)  # [batch, seq, heads, head_dim]
+        k = self._proj(self.num_kv_heads, self.k_bias, "k")(x2).reshape(
+            *lead, self.num_kv_heads, self.head_dim)  # [batch, seq, kv_heads, head_dim]
+        v = self._proj(self.num_kv_heads, self.v_bias, "v")(x2).reshape(
+            *lead, self.num_kv_heads, self.head_dim)
         if self.rope_theta is not None:
             if positions is None:
                 raise ValueError("rotary attention needs positions [batch, seq]")
@@ -128,5 +135,6 @@ class Attention(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=logical_init(nn.initializers.normal(self.init_std),
                                      ("heads", "head_dim", "embed")),
-            bias_init=logical_init(nn.initializers.zeros, ("embed",)), name="o")(out)
-        return y, kv
+            bias_init=logical_init(nn.initializers.zeros, ("embed",)), name="o")(
+                out.reshape(-1, *out.shape[-2:]))
+        return y.reshape(x.shape), kv
