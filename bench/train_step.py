@@ -7,8 +7,9 @@ fp32, in the same process; variants are timed round-robin so machine load hits a
     python bench/train_step.py --quick    # tiny smoke run
     python bench/train_step.py --profile jax_fused --widths 256   # top XLA ops of one step
 
-Writes bench/results/train_step.json and prints a table. MFU = 3 x forward FLOPs per token
-(LLMConfig.flops_per_token) x tokens/s / the fp32 matmul peak measured in the same run.
+Writes bench/results/train_step.json (--quick: train_step_quick.json) and prints a table.
+MFU = 3 x forward FLOPs per token (LLMConfig.flops_per_token) x tokens/s / the best fp32
+matmul rate (jax or torch) measured in the same run, before and after the models.
 The 1-vs-8 emulated device comparison runs in a subprocess (XLA_FLAGS must be set before jax
 is imported).
 """
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
               "vocab": args.vocab, "peak_flops_jax": jpeak, "peak_flops_torch": tpeak,
               "torch_threads": torch.get_num_threads(), "machine": common.machine_info(),
               "rows": rows, "devices": dev_rows}
-    path = common.write_json("train_step", result)
+    path = common.write_json("train_step_quick" if args.quick else "train_step", result)
     print(f"\nfp32 matmul peak: jax {jpeak / 1e9:.1f} GFLOP/s, torch {tpeak / 1e9:.1f} GFLOP/s; "
           f"vocab {args.vocab}, batch {args.batch} x seq {args.seq}, {args.layers} layers")
     print(common.format_table(rows, COLUMNS))
