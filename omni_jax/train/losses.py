@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from omni_jax.train.fused_ce import fused_cross_entropy
+
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 LOSSES: dict[str, LossFn] = {}
 
@@ -64,7 +66,9 @@ def cross_entropy(logits: jax.Array | None, targets: jax.Array, mask: jax.Array 
     """Masked token cross-entropy in fp32: sum over masked tokens / their count.
 
     Either logits [batch, seq, vocab], or hidden [batch, seq, embed] + kernel [embed, vocab]
-    with chunk_size (fused LM head, chunked over seq). z_loss adds z_loss * logsumexp^2.
+    with chunk_size (fused LM head: without z_loss train.fused_ce over token chunks, whose
+    custom VJP never stores [tokens, vocab]; with z_loss a seq-chunked head). z_loss adds
+    z_loss * logsumexp^2.
     targets [batch, seq] are already shifted (targets[t] = input_ids[t + 1]).
     """
     if logits is not None:
@@ -72,6 +76,13 @@ def cross_entropy(logits: jax.Array | None, targets: jax.Array, mask: jax.Array 
     else:
         if hidden is None or kernel is None:
             raise ValueError("cross_entropy: pass logits, or hidden and kernel")
+        if not z_loss:  # fused head + CE, gradients in the forward (train/fused_ce.py)
+            flat_mask = None if mask is None else mask.reshape(-1).astype(jnp.float32)
+            total, count = fused_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), kernel, targets.reshape(-1), flat_mask,
+                chunk_size=chunk_size or 1024)
+            ce = total / jnp.maximum(count, 1.0)
+            return ce, {"ce": ce, "tokens": count}
         nll, lse = _fused_nll(hidden, kernel, targets, chunk_size or hidden.shape[1])
     mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
     count = jnp.sum(mask)

@@ -49,8 +49,19 @@ def test_fused_chunked_head_matches_logits_and_grads():
     np.testing.assert_allclose(lf, lp, rtol=1e-5)
     for a, b in zip(gf, gp):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    with pytest.raises(ValueError, match="not divisible by chunk_size 3"):
-        cross_entropy(None, t, m, hidden=h, kernel=k, chunk_size=3)
+    # without z_loss the head runs through train.fused_ce, which takes any chunk size
+    def fused_ce(h, k):
+        return cross_entropy(None, t, m, hidden=h, kernel=k, chunk_size=3)[0]
+
+    def plain_ce(h, k):
+        return cross_entropy(jnp.einsum("bsd,dv->bsv", h, k), t, m)[0]
+
+    (lp, gp), (lf, gf) = (jax.value_and_grad(f, argnums=(0, 1))(h, k) for f in (plain_ce, fused_ce))
+    np.testing.assert_allclose(lf, lp, rtol=1e-5)
+    for a, b in zip(gf, gp):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="not divisible by chunk_size 3"):  # z_loss: seq chunks
+        cross_entropy(None, t, m, z_loss=1e-3, hidden=h, kernel=k, chunk_size=3)
 
 
 def test_registry_and_weighted_objective():

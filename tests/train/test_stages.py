@@ -112,7 +112,7 @@ def _two_steps(tr, params=None):
 
 def _assert_same_steps(params, metrics, ref_params, ref_metrics):
     for m, r in zip(metrics, ref_metrics):
-        for k in ("loss/total", "grad_norm", "ce/z_loss"):
+        for k in ("loss/total", "grad_norm", "ce/ce"):
             np.testing.assert_allclose(m[k], r[k], rtol=1e-5, err_msg=k)
     assert_params_close(params, ref_params, atol=1e-5)
 
