@@ -87,44 +87,45 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="omni_jax_logmel")
 
 
-def _log_mel_padded(x: np.ndarray, lengths: np.ndarray, config: AudioConfig,
-                    num_threads: int) -> np.ndarray:
-    """[batch, n] float32 zero-padded waveforms -> [batch, n_mels, n // hop] log-mel."""
+def _log_mel_clip(w: np.ndarray, n: int, config: AudioConfig, out: np.ndarray) -> None:
+    """One float32 waveform, zero-padded / truncated to n samples -> out [n_mels, n // hop]
+    (final log-mel). Every step (padding included) runs here, so a thread pool over clips
+    parallelizes the whole pipeline (numpy / scipy release the GIL in each of them)."""
     c = config
     window, fb = _kernels(c.sampling_rate, c.n_fft, c.n_mels, c.fmin, c.fmax)
-    b, n = x.shape
-    half = c.n_fft // 2
-    n_out = n // c.hop_length  # frames kept (the stft's last frame is dropped)
-    padded = np.pad(x, [(0, 0), (half, half)], mode="reflect")  # [batch, n + n_fft]
-    frames = np.lib.stride_tricks.sliding_window_view(padded, c.n_fft, axis=-1)[:, ::c.hop_length]
-    mel = np.zeros((b, c.n_mels, n_out), np.float32)  # [batch, n_mels, frames] mel power
-
-    def clip(i: int) -> None:  # one batched rfft per clip keeps the working set in cache
-        length = int(lengths[i])
-        # frames starting at or after the signal end see only zeros (incl. the reflected tail)
-        n_active = n_out
-        if length + c.n_fft < n:
-            n_active = min(n_out, -(-(length + half) // c.hop_length))
-        spec = scipy.fft.rfft(frames[i, :n_active] * window, axis=-1,
-                              overwrite_x=True)  # [frames, freq] complex64
-        re_im = spec.view(np.float32)  # [frames, 2 * freq] interleaved (re, im)
-        np.square(re_im, out=re_im)
-        power = np.empty((spec.shape[1], n_active), np.float32)  # [freq, frames]
-        np.add(re_im[:, 0::2].T, re_im[:, 1::2].T, out=power)
-        mel[i, :, :n_active] = fb @ power
-
-    if num_threads == 1 or b == 1:
-        for i in range(b):
-            clip(i)
-    else:  # numpy / scipy release the GIL in every step of clip()
-        list(_pool(min(num_threads, b)).map(clip, range(b)))
-    np.maximum(mel, c.log_floor, out=mel)
-    np.log10(mel, out=mel)
-    peak = mel.max(axis=(1, 2), keepdims=True)  # per example
-    np.maximum(mel, peak - c.dynamic_range, out=mel)
-    mel += 4.0
-    mel *= 0.25
-    return mel
+    half, n_out = c.n_fft // 2, out.shape[1]
+    length = min(w.size, n)
+    if length < n:
+        x = np.zeros(n, np.float32)
+        x[:length] = w[:length]
+    else:
+        x = w[:n]
+    padded = np.pad(x, half, mode="reflect")  # [n + n_fft]
+    # frames starting at or after the signal end see only zeros (incl. the reflected tail):
+    # their power is exactly 0, so their log-mel is the floor; they are not transformed
+    n_active = n_out
+    if length + c.n_fft < n:
+        n_active = min(n_out, -(-(length + half) // c.hop_length))
+    frames = np.lib.stride_tricks.sliding_window_view(
+        padded[:(n_active - 1) * c.hop_length + c.n_fft], c.n_fft)[::c.hop_length]
+    spec = scipy.fft.rfft(frames * window, axis=-1, overwrite_x=True)  # [frames, freq] c64
+    re_im = spec.view(np.float32)  # [frames, 2 * freq] interleaved (re, im)
+    np.square(re_im, out=re_im)
+    power = np.empty((spec.shape[1], n_active), np.float32)  # [freq, frames]
+    np.add(re_im[:, 0::2].T, re_im[:, 1::2].T, out=power)
+    active = out[:, :n_active]  # [n_mels, frames]
+    active[...] = fb @ power
+    np.maximum(active, c.log_floor, out=active)
+    np.log10(active, out=active)
+    if n_active < n_out:
+        floor = np.log10(np.full((1,), c.log_floor, np.float32))[0]
+        out[:, n_active:] = floor
+        peak = max(active.max(), floor)
+    else:
+        peak = active.max()
+    np.maximum(out, peak - np.float32(c.dynamic_range), out=out)
+    out += 4.0
+    out *= 0.25
 
 
 def frame_mask(lengths: np.ndarray, n_frames: int, config: AudioConfig) -> np.ndarray:
@@ -152,10 +153,14 @@ def log_mel_batch(waveforms: Sequence[np.ndarray] | np.ndarray, config: AudioCon
     ws = [_check_waveform(w, config, f"log_mel_batch[{i}]") for i, w in enumerate(waveforms)]
     n = config.n_samples if config.pad_to_chunk else max(w.size for w in ws)
     lengths = np.array([min(w.size, n) for w in ws])
-    x = np.zeros((len(ws), n), np.float32)  # [batch, samples]
-    for i, w in enumerate(ws):
-        x[i, :lengths[i]] = w[:n]
-    feats = _log_mel_padded(x, lengths, config, min(num_threads or 1, os.cpu_count() or 1, 8))
+    feats = np.empty((len(ws), config.n_mels, n // config.hop_length), np.float32)
+    workers = min(num_threads or 1, os.cpu_count() or 1, 8, len(ws))
+    if workers == 1:
+        for i, w in enumerate(ws):
+            _log_mel_clip(w, n, config, feats[i])
+    else:
+        list(_pool(workers).map(lambda i: _log_mel_clip(ws[i], n, config, feats[i]),
+                                range(len(ws))))
     return feats, frame_mask(lengths, feats.shape[-1], config)
 
 

@@ -104,12 +104,18 @@ def _lut(scale: float, mean: tuple[float, ...], std: tuple[float, ...]) -> np.nd
     return np.ascontiguousarray(((values[:, None] - m) / s).T)  # [3, 256] float32
 
 
-def normalize(images: np.ndarray, config: ImageConfig) -> np.ndarray:
-    """uint8 [..., 3] -> float32 [..., 3]: (x * rescale_factor - mean) / std per channel."""
+def normalize(images: np.ndarray, config: ImageConfig, out: np.ndarray | None = None
+              ) -> np.ndarray:
+    """uint8 [..., 3] -> float32 [..., 3]: (x * rescale_factor - mean) / std per channel
+    (a table gather; written into `out` when given)."""
     lut = _lut(config.rescale_factor, tuple(config.image_mean), tuple(config.image_std))
+    if out is None:
+        out = np.empty(images.shape, np.float32)
     if (lut == lut[0]).all():  # same mean/std for all channels (SigLIP): one table gather
-        return np.take(lut[0], images)
-    return np.stack([np.take(lut[c], images[..., c]) for c in range(3)], axis=-1)
+        return np.take(lut[0], images, out=out, mode="clip")  # uint8: in range
+    for c in range(3):
+        np.take(lut[c], images[..., c], out=out[..., c], mode="clip")
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -120,9 +126,9 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 def preprocess(images: Sequence[np.ndarray] | np.ndarray, config: ImageConfig,
                num_threads: int | None = None) -> np.ndarray:
     """Images (uint8 [H, W, C] each, any sizes) -> SigLIP pixels [batch, S, S, 3] float32,
-    S = config.image_size (SiglipImageProcessorPil with size=S, channels last). PIL releases
-    the GIL while resizing, so a batch is resized on num_threads threads (default: CPU count,
-    at most 8; 1 = serial)."""
+    S = config.image_size (SiglipImageProcessorPil with size=S, channels last). PIL's resize
+    and the table gather release the GIL, so a batch is processed image by image on
+    num_threads threads (default: CPU count, at most 8; 1 = serial)."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         images = list(images)
     if len(images) == 0:
@@ -132,17 +138,17 @@ def preprocess(images: Sequence[np.ndarray] | np.ndarray, config: ImageConfig,
     if num_threads is not None and num_threads <= 0:
         raise ValueError(f"preprocess: num_threads must be positive, got {num_threads}")
     workers = min(num_threads or os.cpu_count() or 1, 8, len(rgb))
-    batch = np.empty((len(rgb), s, s, 3), np.uint8)  # [batch, S, S, 3]
+    out = np.empty((len(rgb), s, s, 3), np.float32)  # [batch, S, S, 3]
 
-    def work(i: int) -> None:
-        batch[i] = resize(rgb[i], s, s, config)
+    def work(i: int) -> None:  # resize + normalize of one image, straight into its slot
+        normalize(resize(rgb[i], s, s, config), config, out=out[i])
 
     if workers == 1:
         for i in range(len(rgb)):
             work(i)
     else:
         list(_pool(workers).map(work, range(len(rgb))))
-    return normalize(batch, config)
+    return out
 
 
 def _fit(height: int, width: int, rows: int, cols: int, tile: int, rounding: bool
