@@ -198,7 +198,9 @@ def trainer_defaults() -> ConfigDict:
         "peak_flops": 0.0,  # per device FLOP/s for MFU; 0: measure a matmul once
         "progress_bar": True,
         "tensorboard": True,
-        "fused_head_chunk": FieldReference(None, field_type=int),  # chunked LM head + CE
+        # LM head + CE fused over token chunks (train.fused_ce): no [tokens, vocab] logits,
+        # 1.5-2x faster steps on CPU (bench/README.md); None: plain logits
+        "fused_head_chunk": FieldReference(256, field_type=int),
     })
 
 

@@ -134,3 +134,24 @@ def test_bad_input_is_a_clear_error(data, tmp_path):
     bad = cli("--config", "capybara:model=tiny", "--workdir", str(tmp_path), "--stage", "p9")
     assert bad.returncode == 2
     assert "error: unknown stage 'p9'; recipe 'capybara' has stages ['phase1a'," in bad.stderr
+
+
+def test_export_hf_writes_the_last_stages_llm(data, trained, tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    from omni_jax.cli import check_logits
+    from omni_jax.cli.train import export_llm
+    from omni_jax.convert.qwen2 import params_to_hf
+
+    _, fx, spm = data
+    config = in_process_config(fx, spm)
+    export_llm(config, trained[0], str(tmp_path / "hf"))
+    model = OmniLM(OmniConfig.from_dict(config.model.to_dict()))
+    last = final_params(trained[0], make_plan(config, model)[-1], model)
+    want = params_to_hf(model.config.llm, {"params": jax.device_get(last["llm"])})
+    got = Qwen2ForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k].numpy(), v, err_msg=k)
+    assert check_logits.main(["--hf", str(tmp_path / "hf"), "--seq", "8"]) == 0
+    with pytest.raises(ValueError, match="stage 'phase2' has not finished"):
+        export_llm(config, str(tmp_path / "empty"), str(tmp_path / "x"))

@@ -351,12 +351,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
     return status
 
 
+def export_llm(config: ml_collections.ConfigDict, workdir: str, out_dir: str, *,
+               stage: str | None = None) -> None:
+    """The LLM of a finished stage (default: the last) -> a transformers Qwen2 directory."""
+    from omni_jax.convert.qwen2 import export_qwen2
+
+    model = OmniLM(OmniConfig.from_dict(config.model.to_dict()))
+    plans = {p.name: p for p in make_plan(config, model, count_data=False)}
+    plan = plans[stage or _stage_order(config)[-1]]
+    if not stage_finished(workdir, plan):
+        raise ValueError(f"--export_hf: stage {plan.name!r} has not finished in {workdir}")
+    params = jax.device_get(final_params(workdir, plan, model))
+    if jax.process_index() == 0:
+        export_qwen2(model.config.llm, {"params": params["llm"]}, out_dir)
+        print(f"exported the LLM of stage {plan.name} -> {out_dir}")
+
+
 # ---- command line -----------------------------------------------------------------------------
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe file[:arg] or name[:arg]",
                                           lock_config=True)
 flags.DEFINE_string("workdir", None, "output directory (checkpoints, TensorBoard), shared by hosts")
 flags.DEFINE_string("stage", None, "run only this stage")
 flags.DEFINE_bool("dry_run", False, "print the stage plan and exit")
+flags.DEFINE_string("export_hf", None, "after training: write the last stage's LLM as a Hugging "
+                    "Face Qwen2ForCausalLM directory here")
 flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -388,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                      FLAGS.process_id)
         status = run(FLAGS.config, FLAGS.workdir, stage=FLAGS.stage, dry_run=FLAGS.dry_run)
+        if FLAGS.export_hf and not FLAGS.dry_run:
+            export_llm(FLAGS.config, FLAGS.workdir, FLAGS.export_hf, stage=FLAGS.stage)
     except (ValueError, flags.Error) as e:
         msg = str(e)
         if "Traceback" in msg:  # config_flags wraps errors raised by get_config
