@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
                "question": question, "reference": truth, "answer": answer,
                "parity_ok": rc == 0, "seconds": round(time.time() - t0, 1),
                "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params)))}
+    steps = " ".join(f"--config.stages.{n}.steps={args.steps}" for n in config.stage_order)
+    chat = (f"python -m omni_jax.cli.chat --config {args.recipe}:model=tiny --workdir "
+            f"{workdir}/train --config.tokenizer.path={spm} {steps} --prompt "
+            f"'{question}' --image {image} --stream --speak_dir {workdir}/speech")
+    summary["chat_command"] = chat
+    print(f"chat with the trained model:\n  {chat}")
     with open(os.path.join(workdir, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"done in {summary['seconds']} s: {summary['num_params']:,} parameters, "
