@@ -51,6 +51,18 @@ def test_siglip_parity_sizes_and_aspects(size):
                                              num_threads=1), ours)
 
 
+def test_per_channel_normalize_matches_formula_and_out():
+    """Per-channel mean/std (CLIP-style) takes the 3-table path; out= is filled in place."""
+    cfg = ImageConfig(image_size=8, image_mean=(0.48, 0.46, 0.41), image_std=(0.27, 0.26, 0.28))
+    x = _rand((2, 8, 8, 3), 3)
+    scaled = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    want = (scaled - np.float32(cfg.image_mean)) / np.float32(cfg.image_std)
+    np.testing.assert_array_equal(normalize(x, cfg), want)
+    out = np.zeros((2, 8, 8, 3), np.float32)
+    assert normalize(x, cfg, out=out) is out
+    np.testing.assert_array_equal(out, want)
+
+
 def test_gray_and_rgba_converted_like_transformers():
     cfg = ImageConfig(image_size=64)
     gray = _rand((50, 70, 1), 3)
