@@ -10,7 +10,7 @@ shipped), `x_2t` both on 2 threads (torch intra-op threads = 2; the PIL processo
 the two halves of the batch in a 2-thread pool, since it has no thread option of its own;
 ours: num_threads=2). `x_default` is the out-of-the-box comparison (our defaults: log-mel 1
 thread, image pool of CPU count; reference: torch's default threads / PIL processor as
-shipped). Timings are interleaved (ours, reference, ours, ...)
+shipped). Timings are interleaved (ours, reference, ours, ...) within each thread group
 so load from other processes hits both alike; items/s from the median. Outputs are also
 compared (max abs difference) so a fast-but-wrong path cannot pass.
 
@@ -82,6 +82,18 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, li
     return times
 
 
+def medians(fns: dict[str, Callable[[], Any]], groups: list[list[str]], repeats: int
+            ) -> dict[str, float]:
+    """Median seconds per call; each group (the implementations a ratio compares) is timed
+    interleaved on its own, so a 1-thread reference (torch thread toggling, float64 NumPy
+    buffers) does not perturb the 2-thread pair, and vice versa."""
+    out: dict[str, float] = {}
+    for g in groups:
+        times = interleaved({k: fns[k] for k in g if k in fns}, repeats)
+        out.update({k: statistics.median(v) for k, v in times.items()})
+    return out
+
+
 def speech_like(rng: np.random.Generator, seconds: float) -> np.ndarray:
     """Noise shaped by a slow envelope plus a few harmonics (not silence-padded)."""
     n = int(SR * seconds)
@@ -119,7 +131,8 @@ def audio_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 fns.pop("hf_numpy")
             ref = fns["hf_torch_2t"]()["input_features"]
             err = float(max(np.abs(fns[k]()[0] - ref).max() for k in ("ours_1t", "ours_2t")))
-            t = {k: statistics.median(v) for k, v in interleaved(fns, args.repeats).items()}
+            t = medians(fns, [["ours_1t", "hf_torch_1t", "hf_numpy"],
+                              ["ours_2t", "hf_torch_2t", "hf_torch"]], args.repeats)
             row = {"task": f"log-mel {n_mels}", "case": name}
             row.update({f"{k}_items_s": len(clips) / v for k, v in t.items()})
             row["x_1t"] = t["hf_torch_1t"] / t["ours_1t"]
@@ -169,7 +182,8 @@ def image_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 fns["ours"] = partial(preprocess, imgs, cfg)
             want = ref()["pixel_values"].transpose(0, 2, 3, 1)
             err = float(max(np.abs(fns[k]() - want).max() for k in ("ours_1t", "ours_2t")))
-            t = {k: statistics.median(v) for k, v in interleaved(fns, args.repeats).items()}
+            t = medians(fns, [["ours_1t", "hf_pil"], ["ours_2t", "hf_pil_2t", "ours"]],
+                        args.repeats)
             row = {"task": f"siglip {size}", "case": name}
             row.update({f"{k}_items_s": len(imgs) / v for k, v in t.items()})
             row.update({"x_1t": t["hf_pil"] / t["ours_1t"], "x_2t": t["hf_pil_2t"] / t["ours_2t"],

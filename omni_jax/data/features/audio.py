@@ -10,7 +10,10 @@ transformers' `input_features` (our WhisperEncoder takes [batch, n_mels, frames]
 Speed: float32 throughout, one batched rfft per clip (scipy.fft), the mel projection as a
 sparse product (each frequency bin feeds at most 2 triangular filters: ~400 non-zeros instead
 of 201 x n_mels), written straight into the [n_mels, frames] layout; frames that only see zero
-padding are not transformed (their power is exactly 0, so their log-mel is the floor).
+padding are not transformed (their power is exactly 0, so their log-mel is the floor). The
+whole pipeline of a clip (padding to the final clamp) runs in one call on per-thread scratch
+buffers, so clips spread over threads with no serial steps. A 30 s clip (80 mels, 1 thread,
+~3.5 ms): rfft 1.4 ms, windowed-frame copy 0.5, power 0.6, mel 0.2, log/clamp 0.2, pad 0.1.
 """
 
 from __future__ import annotations
@@ -163,9 +166,9 @@ def log_mel_batch(waveforms: Sequence[np.ndarray] | np.ndarray, config: AudioCon
     frame mask [batch, frames] bool). pad_to_chunk: every clip padded/truncated to
     chunk_seconds (frames = n_frames); otherwise zero-padded to the longest clip
     (frames = longest // hop_length), like transformers' padding="longest". num_threads > 1
-    spreads clips over a thread pool; the default is 1 (serial): these steps are memory-bound
-    and on a loaded 2-core host 2 threads measured slower (bench/features.py), and data
-    loaders already parallelize across examples."""
+    spreads clips over a thread pool; the default is 1 (serial): data loaders already
+    parallelize across examples; on the shared 2-core host a second thread gained 1.15-1.55x
+    (bench/features.py), less when other work competes for the cores."""
     if num_threads is not None and num_threads <= 0:
         raise ValueError(f"log_mel_batch: num_threads must be positive, got {num_threads}")
     if isinstance(waveforms, np.ndarray) and waveforms.ndim == 2:
