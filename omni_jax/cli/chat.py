@@ -170,23 +170,10 @@ flags.DEFINE_string("voice", None, "espeak-ng voice (default: cmn for CJK text, 
 FLAGS = flags.FLAGS
 
 
-def _resolve_argv(argv: list[str]) -> list[str]:
-    """Recipe names in --config become config file paths (as the train CLI does)."""
-    out = list(argv)
-    for i, a in enumerate(out):
-        if a.startswith("--config="):
-            path, arg = train_cli.resolve_recipe(a.split("=", 1)[1])
-            out[i] = f"--config={path}" + (f":{arg}" if arg else "")
-        elif a == "--config" and i + 1 < len(out):
-            path, arg = train_cli.resolve_recipe(out[i + 1])
-            out[i + 1] = path + (f":{arg}" if arg else "")
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
-        argv = _resolve_argv(argv)
+        argv = train_cli.resolve_argv(argv)  # recipe names -> config files
         sys.argv = argv  # config_flags finds the --config.* overrides to define in sys.argv
         FLAGS(argv)
         if FLAGS.config is None or not FLAGS.workdir or FLAGS.prompt is None:

@@ -381,7 +381,7 @@ flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 FLAGS = flags.FLAGS
 
 
-def _resolve_argv(argv: list[str]) -> list[str]:
+def resolve_argv(argv: list[str]) -> list[str]:
     """Recipe names in --config become config file paths; unknown recipes -> ValueError."""
     out = list(argv)
     for i, a in enumerate(out):
@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        argv = _resolve_argv(argv)
+        argv = resolve_argv(argv)
         sys.argv = argv  # config_flags finds the --config.* overrides to define in sys.argv
         FLAGS(argv)
         if FLAGS.config is None or not FLAGS.workdir:
