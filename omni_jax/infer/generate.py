@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omni_jax.config_base import StrictConfig
 from omni_jax.layers.attention import init_cache
 from omni_jax.layers.common import parse_dtype
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(StrictConfig):
     """How the next token is picked; greedy ignores the other fields."""
 
     greedy: bool = True
@@ -38,15 +38,6 @@ class SamplingConfig:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SamplingConfig:
-        """Build from a dict; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"SamplingConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**dict(d))
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:

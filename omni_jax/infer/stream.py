@@ -20,9 +20,11 @@ import shutil
 import subprocess
 import threading
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+from omni_jax.config_base import StrictConfig
 
 DEFAULT_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "e.g", "i.e",
                          "cf", "fig", "approx", "etc", "u.s", "u.k")
@@ -32,7 +34,7 @@ _CJK = re.compile(r"[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff00-
 
 
 @dataclasses.dataclass(frozen=True)
-class SplitterConfig:
+class SplitterConfig(StrictConfig):
     """Where sentences end (see the module docstring)."""
 
     terminators: str = ".!?"  # end a sentence when whitespace follows
@@ -57,15 +59,6 @@ class SplitterConfig:
                              f"the final '.', e.g. ('mr', 'e.g'), got {self.abbreviations!r}")
         object.__setattr__(self, "abbreviations", tuple(self.abbreviations))
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SplitterConfig:
-        """Build from a dict; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"SplitterConfig: unknown keys {unknown}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**dict(d))
 
 
 def _abbreviation(text: str, start: int, dot: int, config: SplitterConfig) -> bool:
