@@ -256,7 +256,7 @@ class BEATsEncoder(nn.Module):
         x = nn.Conv(c.embed_dim, (c.patch_size, c.patch_size), strides=c.patch_size,
                     padding="VALID", use_bias=False, dtype=dt, param_dtype=pdt,
                     kernel_init=logical_init(nn.initializers.normal(c.init_std),
-                                             ("conv", "conv", None, "embed")),
+                                             (None, None, "conv", "embed")),
                     name="patch_embedding")(x)  # [b, t', f', embed_dim]
         x = x.reshape(b, -1, c.embed_dim)  # time-major flatten: [b, t' * f', embed_dim]
         x = LayerNorm(c.layer_norm_eps, dtype=dt, param_dtype=pdt, name="layer_norm")(x)

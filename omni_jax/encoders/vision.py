@@ -159,7 +159,7 @@ class SiglipVisionEncoder(nn.Module):
         init = nn.initializers.normal(c.initializer_range)
         x = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size,) * 2,
                     padding="VALID", dtype=dt, param_dtype=pdt,
-                    kernel_init=logical_init(init, ("conv", "conv", "conv", "embed")),
+                    kernel_init=logical_init(init, (None, None, "conv", "embed")),
                     bias_init=logical_init(nn.initializers.zeros, ("embed",)),
                     name="patch_embed")(pixel_values.astype(dt))  # [batch, rows, cols, embed]
         x = x.reshape(x.shape[0], rows * cols, c.hidden_size)  # [batch, patches, embed]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -26,24 +25,6 @@ MODEL_KEYS = ("input_ids", "modality", "media_index", "segment_ids", "positions"
 def dummy_media(config: OmniConfig) -> dict[str, jax.Array]:
     """One zero item per media key of the model (model.media_shapes), at its static shape."""
     return {k: jnp.zeros((1, *shape), jnp.float32) for k, shape in media_shapes(config).items()}
-
-
-def dedupe_axis_names(variables: Any) -> Any:
-    """Repeated logical names in one param (SigLIP's patch conv: conv, conv, conv, embed) -> None
-    after the first: a PartitionSpec may name a dimension once; the repeats map to no mesh axis
-    anyway ("conv" -> None)."""
-    def fix(x):
-        if not isinstance(x, nn.LogicallyPartitioned):
-            return x
-        seen: set[str] = set()
-        names = []
-        for n in x.names:
-            names.append(None if n is not None and n in seen else n)
-            if n is not None:
-                seen.add(n)
-        return x.replace(names=tuple(names))
-
-    return jax.tree.map(fix, variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 class OmniLM:
@@ -69,7 +50,7 @@ class OmniLM:
         # every tower runs once on a zero item; no placeholder selects it (modality all text)
         inputs.update(dummy_media(self.config))
         inputs["modality"] = jnp.zeros_like(inputs["input_ids"])
-        return dedupe_axis_names(self.module.init(rng, inputs))
+        return self.module.init(rng, inputs)
 
     def apply(self, params: Any, batch: Batch, *, train: bool = True) -> dict[str, Any]:
         del train  # no dropout in the towers or the decoder

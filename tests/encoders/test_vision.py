@@ -159,7 +159,7 @@ def test_init_tree_matches_checkpoint_and_logical_names(hf):
     shapes = jax.tree_util.tree_map(lambda a: a.shape, meta.unbox(boxed))
     assert shapes == jax.tree_util.tree_map(lambda a: np.shape(a), variables)
     p = boxed["params"]
-    assert p["patch_embed"]["kernel"].names == ("conv", "conv", "conv", "embed")
+    assert p["patch_embed"]["kernel"].names == (None, None, "conv", "embed")  # each name once
     assert p["pos_embed"].names == ("pos", "embed")
     assert p["layers_2"]["attn"]["q"]["kernel"].names == ("embed", "heads", "head_dim")
 
