@@ -189,11 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: bad --config override: no field {e}", file=sys.stderr)
         return 2
     except (ValueError, flags.Error) as e:
-        msg = str(e)
-        if "Traceback" in msg:  # config_flags wraps errors raised by get_config
-            msg = [line for line in msg.splitlines() if line.strip()][-1]
-            msg = msg.removeprefix("ValueError: ")
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {train_cli.error_message(e)}", file=sys.stderr)
         return 2
     return 0
 

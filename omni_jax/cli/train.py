@@ -381,6 +381,16 @@ flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 FLAGS = flags.FLAGS
 
 
+def error_message(e: Exception) -> str:
+    """The user-facing line of a ValueError / flags error (config_flags wraps the errors that
+    get_config raises in a traceback text: keep its last line)."""
+    msg = str(e)
+    if "Traceback" in msg:
+        msg = [line for line in msg.splitlines() if line.strip()][-1]
+        msg = msg.removeprefix("ValueError: ")
+    return msg
+
+
 def resolve_argv(argv: list[str]) -> list[str]:
     """Recipe names in --config become config file paths; unknown recipes -> ValueError."""
     out = list(argv)
@@ -409,11 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if FLAGS.export_hf and not FLAGS.dry_run:
             export_llm(FLAGS.config, FLAGS.workdir, FLAGS.export_hf, stage=FLAGS.stage)
     except (ValueError, flags.Error) as e:
-        msg = str(e)
-        if "Traceback" in msg:  # config_flags wraps errors raised by get_config
-            msg = [line for line in msg.splitlines() if line.strip()][-1]
-            msg = msg.removeprefix("ValueError: ")
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     print("stages: " + ", ".join(f"{k}={v}" for k, v in status.items()))
     return 0
