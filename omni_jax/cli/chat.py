@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from omni_jax.cli import recipes
 from omni_jax.cli import train as train_cli
 from omni_jax.infer.generate import SamplingConfig
 from omni_jax.infer.omni import (
@@ -173,7 +174,7 @@ FLAGS = flags.FLAGS
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     try:
-        argv = train_cli.resolve_argv(argv)  # recipe names -> config files
+        argv = recipes.resolve_argv(argv)  # recipe names -> config files
         sys.argv = argv  # config_flags finds the --config.* overrides to define in sys.argv
         FLAGS(argv)
         if FLAGS.config is None or not FLAGS.workdir or FLAGS.prompt is None:
@@ -189,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: bad --config override: no field {e}", file=sys.stderr)
         return 2
     except (ValueError, flags.Error) as e:
-        print(f"error: {train_cli.error_message(e)}", file=sys.stderr)
+        print(f"error: {recipes.error_message(e)}", file=sys.stderr)
         return 2
     return 0
 
