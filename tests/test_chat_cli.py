@@ -2,7 +2,6 @@
 turn with an image and an audio clip: in process (streamed, spoken) it equals generate_omni on
 the stage's final params; the command line prints the same answer; bad input exits 2."""
 
-import json
 import os
 import subprocess
 import sys
@@ -52,15 +51,12 @@ def cli(module: str, *args: str, fast: bool = False) -> subprocess.CompletedProc
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Fixture data + SentencePiece tokenizer; Capybara phase1a trained for 2 steps."""
-    from omni_jax.data.fixtures import make_fixtures
-    from omni_jax.data.tokenizer import train_sentencepiece
+    from omni_jax.data.fixtures import make_fixtures, train_fixture_tokenizer
 
     root = tmp_path_factory.mktemp("chat")
     manifests = make_fixtures(root / "fx", num_images=4, num_audio=2, num_videos=1, num_text=4,
                               use_espeak=False)
-    texts = [json.dumps(json.loads(line)["messages"]) for p in manifests.values()
-             for line in open(p)]
-    spm = str(train_sentencepiece(texts * 8, 400, str(root / "spm")))
+    spm = train_fixture_tokenizer(manifests, 400, root / "spm", repeat=8)
     fx, workdir = str(root / "fx"), str(root / "run")
     res = cli("omni_jax.cli.train", "--config", "capybara:model=tiny", "--workdir", workdir,
               "--stage", "phase1a", *overrides(fx, spm), fast=True)

@@ -2,7 +2,6 @@
 a 2-stage Capybara run (phase1b -> phase2) where phase2 starts from phase1b's final params,
 finished stages are skipped on re-run, and bad input exits 2 with a clear message."""
 
-import json
 import os
 import subprocess
 import sys
@@ -25,16 +24,12 @@ STAGES = ("phase1b", "phase2")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Fixture manifests + a SentencePiece tokenizer trained on their text."""
-    from omni_jax.data.fixtures import make_fixtures
-    from omni_jax.data.tokenizer import train_sentencepiece
+    from omni_jax.data.fixtures import make_fixtures, train_fixture_tokenizer
 
     root = tmp_path_factory.mktemp("cli")
     manifests = make_fixtures(root / "fx", num_images=8, num_audio=6, num_videos=2, num_text=8,
                               use_espeak=False)
-    texts = [json.dumps(json.loads(line)["messages"]) for p in manifests.values()
-             for line in open(p)]
-    spm = train_sentencepiece(texts * 4, 400, str(root / "spm"))
-    return root, str(root / "fx"), str(spm)
+    return root, str(root / "fx"), train_fixture_tokenizer(manifests, 400, root / "spm")
 
 
 def overrides(fx: str, spm: str) -> list[str]:

@@ -19,16 +19,11 @@ import time
 
 
 def _prepare_data(data_dir: str, vocab_size: int) -> tuple[dict[str, str], str]:
-    from omni_jax.data.fixtures import make_fixtures
-    from omni_jax.data.tokenizer import train_sentencepiece
+    from omni_jax.data.fixtures import make_fixtures, train_fixture_tokenizer
 
     manifests = make_fixtures(data_dir, seed=0)
-    texts = []
-    for path in manifests.values():
-        with open(path) as f:
-            texts += [json.dumps(json.loads(line)["messages"]) for line in f]
-    spm = train_sentencepiece(texts * 4, vocab_size, os.path.join(data_dir, "spm"))
-    return manifests, str(spm)
+    return manifests, train_fixture_tokenizer(manifests, vocab_size,
+                                              os.path.join(data_dir, "spm"))
 
 
 def main(argv: list[str] | None = None) -> int:

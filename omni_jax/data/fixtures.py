@@ -150,3 +150,16 @@ def make_fixtures(out_dir: str | os.PathLike, seed: int = 0, num_images: int = 2
                 f.write(json.dumps(rec) + "\n")
         manifests[name] = path
     return manifests
+
+
+def train_fixture_tokenizer(manifests: dict[str, str], vocab_size: int,
+                            out_prefix: str | os.PathLike, repeat: int = 4) -> str:
+    """A SentencePiece model trained on the conversations of the fixture manifests (each record's
+    messages as JSON text, the corpus repeated `repeat` times) -> the .model path."""
+    from omni_jax.data.tokenizer import train_sentencepiece
+
+    texts = []
+    for path in manifests.values():
+        with open(path) as f:
+            texts += [json.dumps(json.loads(line)["messages"]) for line in f]
+    return str(train_sentencepiece(texts * repeat, vocab_size, str(out_prefix)))
