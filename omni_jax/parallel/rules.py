@@ -1,7 +1,7 @@
 """The logical axis names used by omni_jax modules and the default logical -> mesh rules.
 
 Parameters: vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers, expert, conv, pos.
-Activations: act_batch, act_len, act_embed, act_heads, act_mlp, act_vocab.
+Activations: act_batch, act_len, act_embed, act_heads, act_mlp, act_vocab, act_expert.
 Mesh axes: data, fsdp, tensor, expert.
 """
 
@@ -17,6 +17,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("act_expert", "expert"),
     # parameters
     ("vocab", "tensor"),
     ("embed", "fsdp"),
