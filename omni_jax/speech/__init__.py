@@ -1,0 +1,1 @@
+"""Speech out: OpenOmni-style speech-unit generator, unit tokenizer, vocoder."""
