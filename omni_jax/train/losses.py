@@ -128,6 +128,9 @@ def make_objective(losses: Mapping[str, float | Mapping[str, Any]],
         if name not in registry:
             raise ValueError(f"unknown loss {name!r}; registered: {sorted(registry)}")
         weight, options = _loss_spec(name, spec)
+        check = getattr(registry[name], "check_options", None)
+        if check is not None:  # bad options fail when the stage is planned
+            check(**options)
         parts.append((name, weight, functools.partial(registry[name], **options)))
 
     def objective(outputs, batch):
@@ -141,3 +144,6 @@ def make_objective(losses: Mapping[str, float | Mapping[str, Any]],
         return total, metrics
 
     return objective
+
+
+from omni_jax.train import speech_losses  # noqa: E402,F401  registers ctc, unit_ce, dpo, moe_aux
