@@ -23,7 +23,11 @@ FLAVORS = ("mlp", "ola", "capybara", "openomni", "ovis", "xvila")
 # Manifest names of the data sources (the fixture set of omni_jax.data.fixtures writes exactly
 # these; a full dataset provides the same names at scale). Relative paths resolve against
 # config.data_root.
-SOURCES = ("image_caption", "image_qa", "video_qa", "speech_asr", "text_chat")
+SOURCES = ("image_caption", "image_qa", "video_qa", "speech_asr", "text_chat",
+           "speech_response",  # answers with their spoken units (OpenOmni stage IV)
+           "speech_dpo")  # answers with chosen (emotional) / rejected (neutral) units (stage V)
+# speech generator preset per model size (omni_jax.speech.config.speech_preset)
+SPEECH_PRESETS = {"tiny": "tiny", "qwen05b": "paper", "qwen7b": "paper"}
 
 
 def parse_arg(arg: str | None, defaults: Mapping[str, str]) -> dict[str, str]:
@@ -143,12 +147,16 @@ def stage(*, description: str, trainable: Sequence[str], sources: Mapping[str, A
           batch_size: int, steps: int | None = None, epochs: float | None = None,
           lr_groups: Mapping[str, Any] | None = None, losses: Mapping[str, Any] | None = None,
           warmup_ratio: float = 0.03, schedule: str = "cosine", weight_decay: float = 0.0,
-          clip_norm: float = 1.0, seq_len: int = 2048, packing: bool = True) -> ConfigDict:
+          clip_norm: float = 1.0, seq_len: int = 2048, packing: bool = True,
+          speech: Mapping[str, int] | None = None) -> ConfigDict:
     """One stage: data mixture, trainable regexes, LR groups, losses, schedule, length, batch.
 
     Exactly one of steps / epochs (epochs -> steps = ceil(epochs * records / batch_size)).
     optim is an OptimConfig dict; its warmup_steps (0 here) is set from warmup_ratio * steps.
+    speech: speech-out stages' static target lengths {text_len, units_len} (no packing).
     """
+    if speech and packing:
+        raise ValueError(f"stage {description!r}: speech-out targets need packing=False")
     if (steps is None) == (epochs is None):
         raise ValueError(f"stage {description!r}: give exactly one of steps / epochs")
     return ConfigDict({
@@ -157,7 +165,7 @@ def stage(*, description: str, trainable: Sequence[str], sources: Mapping[str, A
         "lr_groups": dict(lr_groups or {}),
         "losses": dict(losses or {"ce": 1.0}),
         "data": {"sources": dict(sources), "seq_buckets": (seq_len,), "packing": packing,
-                 "seq_len": seq_len, "seed": 0},
+                 "seq_len": seq_len, "seed": 0, "speech": dict(speech or {})},
         "optim": {"lr": lr, "schedule": schedule, "warmup_steps": 0, "end_lr_ratio": 0.0,
                   "weight_decay": weight_decay, "clip_norm": clip_norm},
         "warmup_ratio": warmup_ratio,
@@ -171,6 +179,18 @@ def stage(*, description: str, trainable: Sequence[str], sources: Mapping[str, A
     })
 
 
+def speech_generator(model_name: str, llm: Mapping[str, Any], mode: str = "ctc") -> dict:
+    """The speech generator config dict (SpeechGenConfig) of a model size: OpenOmni's
+    896-wide Qwen2.5-0.5B-shaped generator for real sizes, a tiny one for model=tiny (its text
+    embedding as wide as the LLM's vocabulary)."""
+    from omni_jax.speech.config import speech_preset
+
+    choose("model", model_name, MODEL_NAMES)
+    kw = {"text_vocab": int(llm["vocab_size"])} if model_name == "tiny" else {}
+    return speech_preset(SPEECH_PRESETS[model_name], int(llm["hidden_size"]), mode=mode,
+                         **kw).to_dict()
+
+
 def tiny_overrides(stages: ConfigDict, steps: int = 4, batch_size: int = 4,
                    seq_len: int = 128) -> None:
     """Make every stage a few-step, small-batch run (model=tiny: tests and the demo): padded
@@ -180,6 +200,8 @@ def tiny_overrides(stages: ConfigDict, steps: int = 4, batch_size: int = 4,
         s.steps, s.epochs, s.batch_size = steps, None, batch_size
         s.data.seq_len, s.data.seq_buckets, s.data.packing = seq_len, (seq_len,), False
         s.media_items = {m: batch_size for m in ("image", "video", "audio")}
+        if s.data.speech:
+            s.data.speech = {"text_len": 32, "units_len": 256}
 
 
 def trainer_defaults() -> ConfigDict:
@@ -217,6 +239,8 @@ def recipe(name: str, model_name: str, flavor: str, stage_order: Sequence[str],
     c.data_root = "data"  # relative source paths resolve against this directory
     c.tokenizer = {"path": "", "kind": "sentencepiece"}  # TokenizerConfig (path required)
     c.text_only = False  # True: drop media parts (LLM-only runs of any recipe)
+    # saved unit tokenizer (omni_jax.speech.units) for records whose spoken answer is audio
+    c.speech_units = {"dir": ""}
     audio = c.model.get("audio")
     mel = {} if audio is None else audio.encoder_config.get("whisper", audio.encoder_config)
     # data.features AudioConfig: log-mel bins and clip length of the audio tower

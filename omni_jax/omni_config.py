@@ -8,7 +8,8 @@ A config dict (e.g. from configs/models/*.py) looks like
              "num_frames": 4, "image_size": [64, 64]},
    "audio": {"encoder": "whisper", "encoder_config": {...}, "adapter": "speech",
              "adapter_config": {...}, "num_frames": 3000},
-   "highway": {...HighwayConfig...}}            # any modality may be absent (text-only works)
+   "highway": {...HighwayConfig...},            # any modality may be absent (text-only works)
+   "speech": {...SpeechGenConfig...}}           # OpenOmni speech generator (speech out)
 
 Ola's dual-encoder, multi-chunk audio tower instead of plain Whisper:
    "audio": {"encoder": "ola_audio",
@@ -149,6 +150,7 @@ class OmniConfig:
     video: TowerConfig | None = None
     audio: TowerConfig | None = None
     highway: Any = None  # adapters.highway.HighwayConfig
+    speech: Any = None  # speech.config.SpeechGenConfig: the speech-unit generator (speech out)
 
     def __post_init__(self) -> None:
         for m in MODALITIES:
@@ -175,6 +177,12 @@ class OmniConfig:
                                  f"encoder's output channels {t.audio_dim}")
         if self.highway is not None and self.image is None and self.video is None:
             raise ValueError("the visual highway needs an image or video tower")
+        if self.speech is not None:
+            from omni_jax.speech.config import check_width
+
+            # token ids are checked against the tokenizer when data is encoded: a generator
+            # table may be smaller than the LLM's padded one (OpenOmni's 0.5B-shaped one is)
+            check_width(self.speech, self.llm)
 
     def encoder_config(self, modality: str) -> Any:
         t = getattr(self, modality)
@@ -183,10 +191,10 @@ class OmniConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OmniConfig:
         d = dict(d)
-        unknown = sorted(set(d) - {"llm", "highway", *MODALITIES})
+        unknown = sorted(set(d) - {"llm", "highway", "speech", *MODALITIES})
         if unknown:
             raise ValueError(f"OmniConfig: unknown keys {unknown}; expected llm, highway, "
-                             f"{', '.join(MODALITIES)}")
+                             f"speech, {', '.join(MODALITIES)}")
         if "llm" not in d:
             raise ValueError("OmniConfig: 'llm' is required")
         towers = {m: TowerConfig.from_dict(m, d[m]) for m in MODALITIES if d.get(m)}
@@ -195,4 +203,9 @@ class OmniConfig:
             from omni_jax.adapters.highway import HighwayConfig
 
             highway = HighwayConfig.from_dict(d["highway"])
-        return cls(LLMConfig.from_dict(d["llm"]), highway=highway, **towers)
+        speech = None
+        if d.get("speech"):
+            from omni_jax.speech.config import SpeechGenConfig
+
+            speech = SpeechGenConfig.from_dict(d["speech"])
+        return cls(LLMConfig.from_dict(d["llm"]), highway=highway, speech=speech, **towers)

@@ -82,6 +82,8 @@ EXPECTED = {
         "speech_text": trained("audio_adapter"),
         "image_pretrain": trained("image_adapter"),
         "image_instruct": trained("llm", "image_adapter", "image_encoder"),
+        "speech_gen": trained("speech"),  # IV: only the speech generator (LLM frozen)
+        "speech_dpo": trained("speech"),  # V: only the generator (its DPO reference frozen)
     },
     "ovis": {
         "s1": {"image_adapter": ALL, "image_encoder": "some"},  # + last ViT layer
@@ -135,6 +137,27 @@ def test_openomni_stage3_gives_the_vit_a_lower_lr(recipes):
     assert config.stages.image_instruct.lr_groups.vit.lr_scale < 1.0
     assert config.stages.speech_text.optim.lr == 1e-3 and config.stages.image_instruct.optim.lr \
         == 5e-5
+
+
+def test_openomni_speech_stages_ctc_then_dpo_against_a_frozen_reference(recipes):
+    config, _, _ = recipes["openomni"]
+    gen, dpo = config.stages.speech_gen, config.stages.speech_dpo
+    assert gen.optim.lr == dpo.optim.lr == 5e-4
+    assert load_recipe("openomni").stages.speech_gen.epochs == 3.0  # paper: 3 epochs
+    assert dict(gen.losses) == {"ctc": 1.0} and dpo.losses.dpo.beta == 0.1
+    assert not gen.data.packing and not dpo.data.packing
+    plans = {p.name: p for p in make_plan(config, OmniLM(OmniConfig.from_dict(
+        config.model.to_dict())), count_data=False)}
+    assert plans["speech_dpo"].model.dpo_reference and not plans["speech_gen"].model.dpo_reference
+    params = nn.unbox(jax.eval_shape(lambda: plans["speech_dpo"].model.init(
+        jax.random.key(0), {"input_ids": jax.ShapeDtypeStruct((1, 8), np.int32)}))["params"])
+    sc = StageConfig.from_dict({"name": "v", "trainable": dpo.trainable, "losses": dpo.losses})
+    labels = dict(zip(jax.tree.leaves(param_paths(params)),
+                      jax.tree.leaves(label_tree(params, sc))))
+    assert {lab for p, lab in labels.items() if p.startswith("speech_ref/")} == {FREEZE}
+    assert {lab for p, lab in labels.items() if p.startswith("speech/")} == {"train"}
+    ar = load_recipe("openomni:model=tiny,speech=ar")
+    assert dict(ar.stages.speech_gen.losses) == {"unit_ce": 1.0} and ar.model.speech.mode == "ar"
 
 
 def test_real_model_sizes():

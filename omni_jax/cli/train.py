@@ -37,7 +37,8 @@ from omni_jax.cli.recipes import (  # noqa: F401  (load_recipe etc. are re-expor
 )
 from omni_jax.omni_config import OmniConfig
 from omni_jax.parallel.mesh import maybe_initialize_distributed
-from omni_jax.train.omni_model import OmniLM
+from omni_jax.speech.targets import speech_targets
+from omni_jax.train.omni_model import OmniLM, stage_model
 from omni_jax.train.stages import FREEZE, StageConfig, label_tree
 
 log = logging.getLogger("omni_jax.train")
@@ -56,6 +57,7 @@ class StagePlan:
     trainable_params: int
     total_params: int
     trainable_groups: list[str]
+    model: Any = None  # the stage's TrainModel (a DPO stage adds a reference generator)
 
 
 def _stage_order(config: ml_collections.ConfigDict) -> list[str]:
@@ -157,16 +159,20 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM, *, count_data: b
 
     for name in config.get("loss_modules", ()):  # registers their losses
         importlib.import_module(name)
-    order = _stage_order(config)
-    batch = {"input_ids": jax.ShapeDtypeStruct((1, 8), np.int32)}
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
     import flax.linen as nn
 
-    params = nn.unbox(params)
-    sizes = jax.tree.leaves(jax.tree.map(lambda x: int(np.prod(x.shape)), params))
+    order = _stage_order(config)
+    batch = {"input_ids": jax.ShapeDtypeStruct((1, 8), np.int32)}
+    trees: dict[bool, Any] = {}
     plans = []
     for name in order:
         s = config.stages[name]
+        m = stage_model(model.config, s.losses, model.fused_head_chunk)
+        if m.dpo_reference not in trees:
+            trees[m.dpo_reference] = nn.unbox(jax.eval_shape(
+                lambda m=m: m.init(jax.random.key(0), batch))["params"])
+        params = trees[m.dpo_reference]
+        sizes = jax.tree.leaves(jax.tree.map(lambda x: int(np.prod(x.shape)), params))
         unknown = sorted(set(s) - {"description", "data", "optim", "warmup_ratio", "steps",
                                    "epochs", "batch_size", "media_items", *STAGE_KEYS})
         if unknown:
@@ -182,7 +188,7 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM, *, count_data: b
         paths = [p for p, lab in zip(jax.tree.leaves(_paths(params)), labels) if lab != FREEZE]
         groups = sorted({p.split("/")[0] for p in paths})
         trainable = sum(n for n, lab in zip(sizes, labels) if lab != FREEZE)
-        plans.append(StagePlan(name, tc, data, steps, trainable, sum(sizes), groups))
+        plans.append(StagePlan(name, tc, data, steps, trainable, sum(sizes), groups, m))
     return plans
 
 
@@ -202,7 +208,7 @@ def format_plan(config: ml_collections.ConfigDict, plans: Sequence[StagePlan]) -
         lines.append(f"  {i + 1}. {p.name:<15} steps={steps} batch={s.batch_size} "
                      f"lr={s.optim.lr:g} trainable={p.trainable_params:,} "
                      f"({100 * p.trainable_params / p.total_params:.1f}%) "
-                     f"[{', '.join(p.trainable_groups)}] losses={dict(s.losses)} data={mix}")
+                     f"[{', '.join(p.trainable_groups)}] losses={s.losses.to_dict()} data={mix}")
         if s.get("description"):
             lines.append(f"     {s.description}")
     return "\n".join(lines)
@@ -241,7 +247,8 @@ def make_encoder(config: ml_collections.ConfigDict, omni: OmniConfig) -> Any:
                          f"{omni.llm.vocab_size}")
     if config.text_only:
         return TextOnlyEncoder(ChatTemplate(tok))
-    return OmniEncoder(omni, ChatTemplate(tok), audio=_audio_config(config))
+    return OmniEncoder(omni, ChatTemplate(tok), audio=_audio_config(config),
+                       speech=speech_targets(config, omni, ChatTemplate(tok)))
 
 
 # ---- running -------------------------------------------------------------------------------
@@ -275,7 +282,8 @@ def final_params(workdir: str, plan: StagePlan, model: OmniLM) -> Any:
 
     ckpt = _checkpointer(workdir, plan.name)
     try:
-        state = Trainer(plan.trainer_config, model).restore_or_init(_example(plan), ckpt)
+        state = Trainer(plan.trainer_config, plan.model or model).restore_or_init(
+            _example(plan), ckpt)
     finally:
         ckpt.close()
     return state["params"]
@@ -312,9 +320,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
             continue
         if params is None and i > 0:
             params = final_params(workdir, plans[i - 1], model)
+        if params is not None:
+            params = plan.model.prepare_params(params)
         echo(f"stage {plan.name}: {plan.trainer_config.steps} steps"
              + (f", from stage {plans[i - 1].name}'s final parameters" if i > 0 else ""))
-        trainer = Trainer(plan.trainer_config, model)
+        trainer = Trainer(plan.trainer_config, plan.model)
         it = iter(make_dataset(plan.data, encoder))
         state = trainer.run(it, _example(plan), os.path.join(workdir, plan.name), params=params)
         step = int(jax.device_get(state["step"]))

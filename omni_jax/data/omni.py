@@ -48,8 +48,11 @@ class OmniEncoder:
     """Callable record -> example dict for the grain pipeline (an `encode_fn`)."""
 
     def __init__(self, config: OmniConfig, template: ChatTemplate,
-                 image: ImageConfig | None = None, audio: AudioConfig | None = None) -> None:
-        self.config, self.template = config, template
+                 image: ImageConfig | None = None, audio: AudioConfig | None = None,
+                 speech: Any = None) -> None:
+        """speech: a data.speech.SpeechTargets adding speech-out targets to records with a
+        spoken answer (None: speech fields of records are ignored)."""
+        self.config, self.template, self.speech = config, template, speech
         self.counts = {m: tokens_per_item(config, m) for m in MODALITIES if getattr(config, m)}
         self.image_cfg = image or ImageConfig()
         for m in ("image", "video"):
@@ -144,7 +147,8 @@ class OmniEncoder:
         media = self.media(record)
         counts = {m: [self.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
         example = self.template.encode(record["messages"], media_token_counts=counts)
-        return {**example.to_dict(), **media}
+        out = {**example.to_dict(), **media}
+        return out if self.speech is None else self.speech(out, record)
 
 
 def media_spec(config: OmniConfig, max_items: Mapping[str, int],

@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from omni_jax.data.speech import SPEECH_KEYS, collate_speech
+
 REQUIRED_KEYS = ("input_ids", "loss_mask")
 MEDIA_KEYS = ("image", "video", "audio", "audio_wave")
 MEDIA_CODES = {"image": 1, "video": 2, "audio": 3}  # data.template's per-token modality ids
@@ -44,7 +46,9 @@ def shift_example(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise ValueError(f"shift_example: encode_fn output lacks {missing}; got keys "
                          f"{sorted(example)}")
     media = {k: np.asarray(v, np.float32) for k, v in example.items() if k in MEDIA_KEYS}
-    arrays = {k: np.asarray(v) for k, v in example.items() if k not in MEDIA_KEYS}
+    speech = {k: np.asarray(v, np.int32) for k, v in example.items() if k in SPEECH_KEYS}
+    arrays = {k: np.asarray(v) for k, v in example.items()
+              if k not in MEDIA_KEYS and k not in SPEECH_KEYS}
     n = arrays["input_ids"].shape
     for k, v in arrays.items():
         integral = np.issubdtype(v.dtype, np.integer) or v.dtype == np.bool_
@@ -58,6 +62,7 @@ def shift_example(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {"input_ids": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
     out.update({k: v[:-1].astype(np.int32) for k, v in arrays.items()})
     out.update(media)
+    out.update(speech)  # per-example (not per-token) arrays: unshifted
     return out
 
 
@@ -72,7 +77,7 @@ def _empty_batch(keys: Sequence[str], batch_size: int, seq_len: int, pad_id: int
 
 
 def _token_keys(example: Mapping[str, np.ndarray]) -> list[str]:
-    return [k for k in example if k not in MEDIA_KEYS]
+    return [k for k in example if k not in MEDIA_KEYS and k not in SPEECH_KEYS]
 
 
 def _batch_keys(examples: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
@@ -162,10 +167,12 @@ def choose_bucket(length: int, buckets: Sequence[int]) -> int:
 def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int,
               buckets: Sequence[int], pad_id: int = 0,
               pad_values: Mapping[str, int] | None = None,
-              media: MediaSpec | None = None, process_index: int = 0) -> dict[str, np.ndarray]:
+              media: MediaSpec | None = None, process_index: int = 0,
+              speech: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """One example per row, padded to the smallest bucket fitting the longest example.
 
     Rows beyond len(examples) are all padding (segment_ids 0), so the shape stays static.
+    speech: DataConfig.speech static lengths for speech-out targets (data.speech).
     """
     if not 0 < len(examples) <= batch_size:
         raise ValueError(f"pad_batch: expected 1..{batch_size} examples, got {len(examples)}")
@@ -179,6 +186,7 @@ def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int,
         out["segment_ids"][r, :n] = 1
         out["positions"][r, :n] = np.arange(n, dtype=np.int32)
     _add_media(out, [(r, 0, ex) for r, ex in enumerate(examples)], media, process_index)
+    out.update(collate_speech(examples, batch_size, speech or {}))
     return out
 
 
@@ -215,6 +223,10 @@ class FirstFitPacker:
 
     def add(self, example: Mapping[str, np.ndarray]) -> bool:
         n = example_length(example)
+        speech = sorted(k for k in example if k in SPEECH_KEYS)
+        if speech:
+            raise ValueError(f"FirstFitPacker: examples with speech-out targets {speech} "
+                             f"cannot be packed; set the stage's data.packing=False")
         if n > self.seq_len:
             raise ValueError(f"FirstFitPacker: example of length {n} exceeds seq_len "
                              f"{self.seq_len}")

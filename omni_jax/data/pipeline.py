@@ -31,6 +31,7 @@ import numpy as np
 from omni_jax.config_base import StrictConfig
 from omni_jax.data import packing
 from omni_jax.data.sources import ON_CORRUPT, JsonlSource, TfdsSource
+from omni_jax.data.speech import check_speech_spec, fits
 
 SOURCE_KINDS = ("jsonl", "tfds")
 EncodeFn = Callable[[dict[str, Any]], Mapping[str, np.ndarray]]
@@ -85,6 +86,8 @@ class DataConfig(StrictConfig):
     drop_remainder: bool = False  # drop a final partial batch (else pad it to full shape)
     # media arrays per batch: {"image": {"max_items": 8, "shape": [H, W, 3]}, ...} (omni data)
     media: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # speech-out targets (data.speech): {"text_len": S, "units_len": U} static padded lengths
+    speech: Mapping[str, int] = dataclasses.field(default_factory=dict)
     read_threads: int = 2  # grain threads running encode_fn
     prefetch_buffer: int = 16
 
@@ -104,6 +107,10 @@ class DataConfig(StrictConfig):
                                  f"[...]}} with key in {packing.MEDIA_KEYS}, got {v}")
             spec[key] = (int(v["max_items"]), tuple(int(s) for s in v["shape"]))
         object.__setattr__(self, "media", spec)
+        object.__setattr__(self, "speech", check_speech_spec(self.speech))
+        if self.speech and self.packing:
+            raise ValueError("DataConfig: speech-out targets need packing=False (one "
+                             "conversation per row)")
         b = self.seq_buckets
         if not b or any(x <= 0 for x in b) or list(b) != sorted(set(b)):
             raise ValueError(f"DataConfig.seq_buckets must be positive and strictly "
@@ -166,7 +173,7 @@ class _BatchIterator(grain.DatasetIterator):
         while True:
             state = self._parent.get_state() if self._ds.packing else None
             index, ex = next(self._parent)
-            if packing.example_length(ex) > self._ds.max_len:
+            if packing.example_length(ex) > self._ds.max_len or not fits(ex, self._ds.speech):
                 self._counts["dropped_too_long"] += 1
                 continue
             return state, index, ex
@@ -210,7 +217,7 @@ class _BatchIterator(grain.DatasetIterator):
                 examples.append(ex)
                 self._take(index, ex)
             batch = packing.pad_batch(examples, ds.local_batch, ds.seq_buckets, ds.pad_id,
-                                      ds.pad_values, ds.media, ds.process_index)
+                                      ds.pad_values, ds.media, ds.process_index, ds.speech)
         self._counts["batches"] += 1
         self._counts["token_slots"] += batch["input_ids"].size
         return batch
@@ -254,6 +261,7 @@ class BatchDataset(grain.IterDataset):
         self.packing, self.max_len = config.packing, config.max_len
         self.seq_buckets, self.pad_id = config.seq_buckets, config.pad_id
         self.pad_values, self.media = config.pad_values, config.media
+        self.speech = config.speech
         # media rows of this process start after the lower processes' (global arrays are the
         # local ones concatenated in process order): media_index is offset accordingly
         self.process_index = process_index
