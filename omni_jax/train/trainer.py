@@ -60,11 +60,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.peak_flops = 0.0  # per device FLOP/s for MFU; 0 = measure a matmul once
     c.progress_bar = True
     c.tensorboard = True
+    # a step whose loss or gradient norm is not finite leaves params and optimizer state as
+    # they were (metric "skipped"); this many in a row stop the run (NonFiniteError)
+    c.max_nonfinite_steps = 5
     return c
 
 
+class NonFiniteError(ValueError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
 def _validate(c: ml_collections.ConfigDict) -> None:
-    for k in ("batch_size", "grad_accum", "steps", "log_every"):
+    for k in ("batch_size", "grad_accum", "steps", "log_every", "max_nonfinite_steps"):
         if int(c[k]) <= 0:
             raise ValueError(f"trainer: {k} must be positive, got {c[k]}")
     if c.batch_size % c.grad_accum:
@@ -196,10 +203,14 @@ class Trainer:
         grads = jax.tree.map(lambda g, lab: jnp.zeros_like(g) if lab == FREEZE else g,
                              grads, self.labels)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
-        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-               "step": state["step"] + 1}
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                       lr=self.schedule(state["step"]))
+        grad_norm = optax.global_norm(grads)
+        # numerical guard: a non-finite loss or gradient never reaches params / moments
+        ok = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        new = {"params": keep(optax.apply_updates(params, updates), params),
+               "opt_state": keep(opt_state, state["opt_state"]), "step": state["step"] + 1}
+        metrics = dict(metrics, grad_norm=grad_norm, lr=self.schedule(state["step"]),
+                       skipped=1.0 - ok.astype(jnp.float32))
         if "loss_mask" in batch:
             metrics["tokens/loss"] = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         return new, metrics
@@ -259,11 +270,27 @@ class Trainer:
         logger = MetricsLogger(logdir if c.tensorboard else None, c.steps, start,
                                self.model.flops_per_token(seq), peak, c.progress_bar)
         data_iter = train_iter if hasattr(train_iter, "get_state") else None
-        step = start
+        step, bad, pending = start, 0, None
         with PreemptionGuard() as guard:
             while step < c.steps:
                 state, metrics = self.train_step(state, self.shard(next(train_iter)))
                 step += 1
+                # the previous step's guard flag (reading this step's would stall dispatch)
+                for flag in ([pending] if pending is not None else []) + (
+                        [metrics["skipped"]] if step == c.steps else []):
+                    bad = bad + 1 if float(flag) > 0 else 0
+                    if bad:
+                        log.warning("step with a non-finite loss or gradient norm skipped "
+                                    "(%d in a row)", bad)
+                    if bad >= c.max_nonfinite_steps:
+                        if checkpointer is not None:
+                            checkpointer.wait()
+                        raise NonFiniteError(
+                            f"{bad} consecutive steps had a non-finite loss or gradient norm "
+                            f"(last at step ~{step}); parameters were left unchanged by them and "
+                            f"the last checkpoint is intact; lower the learning rate or check "
+                            f"the data")
+                pending = metrics["skipped"]
                 if step == start + 1:  # keep compilation out of the throughput numbers
                     jax.block_until_ready(metrics)
                     logger.restart()
