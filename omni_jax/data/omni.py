@@ -28,7 +28,7 @@ from omni_jax.data.features import audio as afeat
 from omni_jax.data.features import image as ifeat
 from omni_jax.data.features import video as vfeat
 from omni_jax.data.features.config import AudioConfig, ImageConfig
-from omni_jax.data.sources import read_media
+from omni_jax.data.sources import CorruptMediaError, read_media
 from omni_jax.data.template import ChatTemplate
 from omni_jax.encoders.audio_path import chunk_waveform
 from omni_jax.model import AUDIO_WAVE, media_shapes, tokens_per_item, uses_audio_wave
@@ -125,20 +125,30 @@ class OmniEncoder:
             if getattr(self.config, m) is None:
                 raise ValueError(f"record has {len(refs)} {m} item(s) but the model has no {m} "
                                  "tower")
-            if m == "image":
-                out[m] = self._pixels([self._image(r) for r in refs],
-                                      self.config.image.image_size[0])
-            elif m == "video":
-                out[m] = np.stack([self._video(r) for r in refs])
-            else:
-                waves = [afeat.decode_audio(read_media(r), self.audio_cfg) for r in refs]
-                if self.config.audio.encoder not in CHUNKED_ENCODERS:
-                    out[m], _ = afeat.log_mel_batch(waves, self.audio_cfg)
-                    continue
-                mels, chunks = zip(*(self.audio_chunks(w) for w in waves))
-                out[m] = np.stack(mels)
-                if uses_audio_wave(self.config):
-                    out[AUDIO_WAVE] = np.stack(chunks)
+            try:
+                out.update(self._decode(m, refs))
+            except (ValueError, OSError) as e:
+                rid = record.get("id", "?")
+                raise CorruptMediaError(f"record {rid!r}: {m} item unreadable: {e}") from e
+        return out
+
+    def _decode(self, m: str, refs: list[Any]) -> dict[str, np.ndarray]:
+        """Decode and preprocess the items of one modality."""
+        out: dict[str, np.ndarray] = {}
+        if m == "image":
+            out[m] = self._pixels([self._image(r) for r in refs],
+                                  self.config.image.image_size[0])
+        elif m == "video":
+            out[m] = np.stack([self._video(r) for r in refs])
+        else:
+            waves = [afeat.decode_audio(read_media(r), self.audio_cfg) for r in refs]
+            if self.config.audio.encoder not in CHUNKED_ENCODERS:
+                out[m], _ = afeat.log_mel_batch(waves, self.audio_cfg)
+                return out
+            mels, chunks = zip(*(self.audio_chunks(w) for w in waves))
+            out[m] = np.stack(mels)
+            if uses_audio_wave(self.config):
+                out[AUDIO_WAVE] = np.stack(chunks)
         return out
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:

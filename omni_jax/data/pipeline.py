@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,9 +31,10 @@ import numpy as np
 
 from omni_jax.config_base import StrictConfig
 from omni_jax.data import packing
-from omni_jax.data.sources import ON_CORRUPT, JsonlSource, TfdsSource
+from omni_jax.data.sources import ON_CORRUPT, CorruptMediaError, JsonlSource, TfdsSource
 from omni_jax.data.speech import check_speech_spec, fits
 
+log = logging.getLogger(__name__)
 SOURCE_KINDS = ("jsonl", "tfds")
 EncodeFn = Callable[[dict[str, Any]], Mapping[str, np.ndarray]]
 
@@ -88,6 +90,11 @@ class DataConfig(StrictConfig):
     media: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # speech-out targets (data.speech): {"text_len": S, "units_len": U} static padded lengths
     speech: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # records whose media cannot be decoded: "skip" (warn + count) | "raise"; skipping stops
+    # with a ValueError once more than skip_grace records and max_skipped_fraction are bad
+    on_corrupt_media: str = "skip"
+    max_skipped_fraction: float = 0.1
+    skip_grace: int = 10
     read_threads: int = 2  # grain threads running encode_fn
     prefetch_buffer: int = 16
 
@@ -122,6 +129,12 @@ class DataConfig(StrictConfig):
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ValueError(f"DataConfig.num_epochs must be positive or None, "
                              f"got {self.num_epochs}")
+        if self.on_corrupt_media not in ON_CORRUPT:
+            raise ValueError(f"DataConfig.on_corrupt_media must be one of {ON_CORRUPT}, got "
+                             f"{self.on_corrupt_media!r}")
+        if not 0 <= self.max_skipped_fraction <= 1 or self.skip_grace < 0:
+            raise ValueError(f"DataConfig.max_skipped_fraction must be in [0, 1] and skip_grace "
+                             f">= 0, got {self.max_skipped_fraction}, {self.skip_grace}")
         if self.read_threads < 0 or self.prefetch_buffer < 0:
             raise ValueError("DataConfig.read_threads and prefetch_buffer must be >= 0")
 
@@ -151,12 +164,21 @@ def _tag(index: int, record: Any) -> tuple[int, Any]:
     return index, record
 
 
-def _encode(encode_fn: EncodeFn, item: tuple[int, Any]) -> tuple[int, dict[str, np.ndarray]]:
+def _encode(encode_fn: EncodeFn, skip_corrupt: bool, item: tuple[int, Any]
+            ) -> tuple[int, dict[str, np.ndarray] | str]:
+    """(source, record) -> (source, training example), or (source, error message) for a record
+    with undecodable media when skipping."""
     index, record = item
-    return index, packing.shift_example(encode_fn(record))
+    try:
+        return index, packing.shift_example(encode_fn(record))
+    except CorruptMediaError as e:
+        if not skip_corrupt:
+            raise
+        return index, str(e)
 
 
-_COUNTERS = ("batches", "examples", "dropped_too_long", "tokens", "token_slots")
+_COUNTERS = ("batches", "examples", "dropped_too_long", "tokens", "token_slots", "pulled",
+             "skipped_corrupt_media")
 
 
 class _BatchIterator(grain.DatasetIterator):
@@ -173,10 +195,23 @@ class _BatchIterator(grain.DatasetIterator):
         while True:
             state = self._parent.get_state() if self._ds.packing else None
             index, ex = next(self._parent)
+            self._counts["pulled"] += 1
+            if isinstance(ex, str):  # undecodable media: skipped and counted
+                self._skip(ex)
+                continue
             if packing.example_length(ex) > self._ds.max_len or not fits(ex, self._ds.speech):
                 self._counts["dropped_too_long"] += 1
                 continue
             return state, index, ex
+
+    def _skip(self, why: str) -> None:
+        c, ds = self._counts, self._ds
+        c["skipped_corrupt_media"] += 1
+        log.warning("skipping a record: %s", why)
+        bad = c["skipped_corrupt_media"]
+        if bad > ds.skip_grace and bad > ds.max_skipped_fraction * c["pulled"]:
+            raise ValueError(f"{bad} of {c['pulled']} records had undecodable media (more than "
+                             f"max_skipped_fraction={ds.max_skipped_fraction:g}); last: {why}")
 
     def _take(self, index: int, ex: Mapping[str, np.ndarray]) -> None:
         self._counts["examples"] += 1
@@ -229,14 +264,15 @@ class _BatchIterator(grain.DatasetIterator):
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._counts = dict(state["counts"])
+        self._counts = {**dict.fromkeys(_COUNTERS, 0), **dict(state["counts"])}
         self._per_source = list(state["per_source"])
         self._pending = None
 
     def metrics(self) -> dict[str, float]:
         """Counters since the start of the stream ('data/...'), for logging."""
         c = self._counts
-        out = {f"data/{k}": c[k] for k in ("batches", "examples", "dropped_too_long")}
+        out = {f"data/{k}": c[k] for k in ("batches", "examples", "dropped_too_long",
+                                            "skipped_corrupt_media")}
         out["data/token_fraction"] = c["tokens"] / max(c["token_slots"], 1)
         corrupt = 0
         for name, n, src in zip(self._ds.source_names, self._per_source, self._ds.sources):
@@ -262,6 +298,7 @@ class BatchDataset(grain.IterDataset):
         self.seq_buckets, self.pad_id = config.seq_buckets, config.pad_id
         self.pad_values, self.media = config.pad_values, config.media
         self.speech = config.speech
+        self.skip_grace, self.max_skipped_fraction = config.skip_grace, config.max_skipped_fraction
         # media rows of this process start after the lower processes' (global arrays are the
         # local ones concatenated in process order): media_index is offset accordingly
         self.process_index = process_index
@@ -321,7 +358,8 @@ def make_dataset(config: DataConfig | Mapping[str, Any], encode_fn: EncodeFn, *,
         parts.append(ds[process_index::process_count])
     weights = [config.sources[n].weight for n in names]
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    encoded = mixed.map(functools.partial(_encode, encode_fn))
+    encoded = mixed.map(functools.partial(_encode, encode_fn,
+                                          config.on_corrupt_media == "skip"))
     it = encoded.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                    prefetch_buffer_size=config.prefetch_buffer))
     return BatchDataset(it, config, config.batch_size // process_count, names,

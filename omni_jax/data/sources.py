@@ -23,6 +23,11 @@ import numpy as np
 
 MEDIA_KEYS = ("image", "images", "audio", "audios", "video", "videos")
 ON_CORRUPT = ("skip", "raise")
+
+
+class CorruptMediaError(ValueError):
+    """A record's media item could not be read or decoded (the pipeline skips the record unless
+    DataConfig.on_corrupt_media="raise")."""
 _MAX_KEPT_EXAMPLES = 20  # corrupt-line descriptions kept for reports (all are counted)
 
 log = logging.getLogger(__name__)
