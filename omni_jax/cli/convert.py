@@ -2,6 +2,8 @@
 
   python -m omni_jax.cli.convert import-hf SRC_HF_DIR OUT_NATIVE_DIR [--scan-layers]
   python -m omni_jax.cli.convert export-hf SRC_NATIVE_DIR OUT_HF_DIR
+  python -m omni_jax.cli.convert import-openomni SRC_FILE_OR_DIR OUT_NATIVE_DIR [--prefix P]
+  python -m omni_jax.cli.convert export-openomni SRC_NATIVE_DIR OUT.safetensors|OUT.bin
 """
 
 from __future__ import annotations
@@ -10,6 +12,52 @@ import argparse
 import sys
 
 from omni_jax.convert.registry import export_hf, import_hf, load_native, save_native
+
+
+def _add_openomni(sub: argparse._SubParsersAction) -> None:
+    imo = sub.add_parser("import-openomni", help="OpenOmni speech generator state dict "
+                         "(.bin/.pt/.safetensors file or dir) -> omni_jax native dir")
+    imo.add_argument("src")
+    imo.add_argument("out")
+    imo.add_argument("--prefix", default=None, help="key prefix (default: detected)")
+    imo.add_argument("--llm-config", default=None,
+                     help="the generator decoder's Qwen2 config.json (default: from shapes)")
+    imo.add_argument("--fusion-heads", type=int, default=16, help="fusion attention heads")
+    imo.add_argument("--decoder-head-dim", type=int, default=64,
+                     help="decoder head dim when --llm-config is not given")
+    imo.add_argument("--scan-layers", action="store_true")
+    exo = sub.add_parser("export-openomni", help="native dir -> OpenOmni state dict file")
+    exo.add_argument("src")
+    exo.add_argument("out", help="*.safetensors, or *.bin / *.pt (needs torch)")
+    exo.add_argument("--prefix", default="speech_generator.")
+
+
+def _run_openomni(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    from omni_jax.convert import openomni as oo
+
+    if args.cmd == "export-openomni":
+        config, params = oo.load_native_openomni(args.src)
+        oo.export_openomni(config, params, args.out, prefix=args.prefix)
+        print(f"exported OpenOmni speech generator from {args.src} -> {args.out} "
+              f"(prefix {args.prefix!r})")
+        return
+    tensors, prefix, left = oo.select_generator(oo.read_state_dict(args.src), args.prefix)
+    llm = None
+    if args.llm_config:
+        if not os.path.isfile(args.llm_config):
+            raise ValueError(f"--llm-config {args.llm_config!r} does not exist")
+        with open(args.llm_config) as f:
+            llm = json.load(f)
+    config = oo.config_from_openomni(tensors, llm, args.fusion_heads, args.decoder_head_dim)
+    if args.scan_layers:
+        config = config.replace(decoder=config.decoder.replace(scan_layers=True))
+    params = oo.params_from_openomni(config, tensors, prefix="")
+    save_native(args.out, oo.NATIVE_KIND, config, params)
+    print(f"imported OpenOmni speech generator from {args.src} (prefix {prefix!r}, "
+          f"{len(tensors)} tensors, {left} other keys left out) -> {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     exp = sub.add_parser("export-hf", help="omni_jax native dir -> HF checkpoint dir")
     exp.add_argument("src")
     exp.add_argument("out")
+    _add_openomni(sub)
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "import-hf":
+        if args.cmd in ("import-openomni", "export-openomni"):
+            _run_openomni(args)
+        elif args.cmd == "import-hf":
             overrides = {"scan_layers": True} if args.scan_layers else {}
             kind, config, params, hf_config = import_hf(args.src, **overrides)
             save_native(args.out, kind, config, params, hf_config)
