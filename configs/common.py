@@ -26,6 +26,10 @@ FLAVORS = ("mlp", "ola", "capybara", "openomni", "ovis", "xvila")
 SOURCES = ("image_caption", "image_qa", "video_qa", "speech_asr", "text_chat",
            "speech_response",  # answers with their spoken units (OpenOmni stage IV)
            "speech_dpo")  # answers with chosen (emotional) / rejected (neutral) units (stage V)
+# media the records of each source hold (data budgets ship only these; recipes/data.py)
+SOURCE_MODALITIES = {"image_caption": ("image",), "image_qa": ("image",),
+                     "video_qa": ("video",), "speech_asr": ("audio",), "text_chat": (),
+                     "speech_response": ("image",), "speech_dpo": ("image",)}
 # speech generator preset per model size (omni_jax.speech.config.speech_preset)
 SPEECH_PRESETS = {"tiny": "tiny", "qwen05b": "paper", "qwen7b": "paper"}
 
@@ -139,8 +143,8 @@ def mixture(**weights: float) -> dict[str, dict[str, Any]]:
     unknown = sorted(set(weights) - set(SOURCES))
     if unknown:
         raise ValueError(f"unknown data sources {unknown}; expected a subset of {SOURCES}")
-    return {n: {"kind": "jsonl", "path": f"{n}.jsonl", "weight": float(w)}
-            for n, w in weights.items()}
+    return {n: {"kind": "jsonl", "path": f"{n}.jsonl", "weight": float(w),
+                "modalities": SOURCE_MODALITIES[n]} for n, w in weights.items()}
 
 
 def stage(*, description: str, trainable: Sequence[str], sources: Mapping[str, Any], lr: float,
@@ -172,9 +176,10 @@ def stage(*, description: str, trainable: Sequence[str], sources: Mapping[str, A
         "steps": FieldReference(steps, field_type=int),
         "epochs": FieldReference(epochs, field_type=float),
         "batch_size": batch_size,
-        # media items per (process-local) batch, e.g. {"image": 64}; a missing modality gets
-        # the safe bound batch * (seq_len // tokens per item). A batch needing more items
-        # than its budget is an error, so set these for real runs to save encoder compute.
+        # media items per (process-local) batch, e.g. {"image": 64}, overriding the budget of
+        # omni_jax/recipes/data.py (only the modalities of the mixture; batch x items per
+        # record, or batch * (seq_len // tokens per item) with packing). A batch needing more
+        # items than its budget is an error.
         "media_items": {},
     })
 
@@ -194,12 +199,11 @@ def speech_generator(model_name: str, llm: Mapping[str, Any], mode: str = "ctc")
 def tiny_overrides(stages: ConfigDict, steps: int = 4, batch_size: int = 4,
                    seq_len: int = 128) -> None:
     """Make every stage a few-step, small-batch run (model=tiny: tests and the demo): padded
-    rows of one fixture record each (one media item per record), so batch_size items suffice."""
+    rows of one fixture record each, so the media budgets are batch x items per record."""
     for name in stages:
         s = stages[name]
         s.steps, s.epochs, s.batch_size = steps, None, batch_size
         s.data.seq_len, s.data.seq_buckets, s.data.packing = seq_len, (seq_len,), False
-        s.media_items = {m: batch_size for m in ("image", "video", "audio")}
         if s.data.speech:
             s.data.speech = {"text_len": 32, "units_len": 256}
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from omni_jax.cli.recipes import (  # noqa: F401  (load_recipe etc. are re-expor
 )
 from omni_jax.omni_config import OmniConfig
 from omni_jax.parallel.mesh import maybe_initialize_distributed
+from omni_jax.recipes.data import audio_config, count_records, resolve_data, stage_steps
 from omni_jax.speech.targets import speech_targets
 from omni_jax.train.omni_model import OmniLM, stage_model
 from omni_jax.train.stages import FREEZE, StageConfig, label_tree
@@ -69,68 +69,6 @@ def _stage_order(config: ml_collections.ConfigDict) -> list[str]:
                          f"distinct stages among {list(config.stages)}"
                          + (f"; unknown: {unknown}" if unknown else ""))
     return order
-
-
-def _media(config: ml_collections.ConfigDict, omni: OmniConfig, s: ml_collections.ConfigDict,
-           max_len: int) -> dict[str, Any]:
-    """DataConfig.media for a stage: the item budgets (s.media_items, else the safe bound
-    batch * (max_len // tokens per item)) at the towers' static shapes."""
-    from omni_jax.data.omni import media_spec
-    from omni_jax.model import tokens_per_item
-    from omni_jax.omni_config import MODALITIES
-
-    items = dict(s.get("media_items", {}))
-    unknown = sorted(set(items) - set(MODALITIES))
-    if unknown:
-        raise ValueError(f"media_items: unknown modalities {unknown}; expected {MODALITIES}")
-    towers = [m for m in MODALITIES if getattr(omni, m) is not None]
-    budget = {m: int(items[m]) if m in items else
-              int(s.batch_size) * max(1, max_len // tokens_per_item(omni, m)) for m in towers}
-    return media_spec(omni, budget, _audio_config(config))
-
-
-def _audio_config(config: ml_collections.ConfigDict) -> Any:
-    from omni_jax.data.features.config import AudioConfig
-
-    return AudioConfig.from_dict(config.audio_features.to_dict())
-
-
-def _resolve_data(config: ml_collections.ConfigDict, omni: OmniConfig,
-                  s: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The stage's DataConfig dict: batch size, source paths under data_root, media budgets."""
-    from omni_jax.data.pipeline import DataConfig
-
-    data = s.data.to_dict()
-    data["batch_size"] = int(s.batch_size)
-    data["sources"] = {k: dict(v) for k, v in data["sources"].items()}
-    for src in data["sources"].values():
-        paths = [src["path"]] if isinstance(src["path"], str) else list(src["path"])
-        paths = [p if os.path.isabs(p) else os.path.join(config.data_root, p) for p in paths]
-        src["path"] = paths[0] if len(paths) == 1 else tuple(paths)
-    if not config.text_only:
-        data["media"] = _media(config, omni, s, DataConfig.from_dict(data).max_len)
-    return data
-
-
-def _steps(name: str, s: ml_collections.ConfigDict, data: Mapping[str, Any],
-           count_records: Callable[[Mapping[str, Any]], int] | None) -> int | None:
-    """steps, or ceil(epochs * records / batch_size) (None if the data is not there)."""
-    if s.steps is not None:
-        if s.steps <= 0:
-            raise ValueError(f"stage {name!r}: steps must be positive, got {s.steps}")
-        return int(s.steps)
-    if s.epochs is None or s.epochs <= 0:
-        raise ValueError(f"stage {name!r}: set steps or a positive epochs, got {s.steps}, "
-                         f"{s.epochs}")
-    if count_records is None:
-        return None
-    return max(1, math.ceil(s.epochs * count_records(data) / data["batch_size"]))
-
-
-def _count_records(data: Mapping[str, Any]) -> int:
-    from omni_jax.data.pipeline import DataConfig, build_sources
-
-    return sum(len(src) for src in build_sources(DataConfig.from_dict(data)).values())
 
 
 def trainer_config(config: ml_collections.ConfigDict, name: str, steps: int
@@ -180,10 +118,10 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM, *, count_data: b
         stage = StageConfig.from_dict({"name": name, **{k: s[k] for k in STAGE_KEYS}})
         labels = jax.tree.leaves(label_tree(params, stage))  # ValueError: pattern matches none
         make_objective(stage.losses)  # ValueError: unknown loss
-        data = _resolve_data(config, model.config, s)
+        data = resolve_data(config, model.config, s)
         have = all(os.path.exists(p) for src in data["sources"].values()
                    for p in ([src["path"]] if isinstance(src["path"], str) else src["path"]))
-        steps = _steps(name, s, data, _count_records if count_data and have else None)
+        steps = stage_steps(name, s, data, count_records if count_data and have else None)
         tc = trainer_config(config, name, steps or 1)
         paths = [p for p, lab in zip(jax.tree.leaves(_paths(params)), labels) if lab != FREEZE]
         groups = sorted({p.split("/")[0] for p in paths})
@@ -211,6 +149,10 @@ def format_plan(config: ml_collections.ConfigDict, plans: Sequence[StagePlan]) -
                      f"[{', '.join(p.trainable_groups)}] losses={s.losses.to_dict()} data={mix}")
         if s.get("description"):
             lines.append(f"     {s.description}")
+        media = p.data.get("media", {})
+        lines.append("     media per batch: " + (", ".join(
+            f"{k} {v['max_items']} x {tuple(v['shape'])}" for k, v in media.items())
+            or "none (text only: no tower runs)"))
     return "\n".join(lines)
 
 
@@ -247,7 +189,7 @@ def make_encoder(config: ml_collections.ConfigDict, omni: OmniConfig) -> Any:
                          f"{omni.llm.vocab_size}")
     if config.text_only:
         return TextOnlyEncoder(ChatTemplate(tok))
-    return OmniEncoder(omni, ChatTemplate(tok), audio=_audio_config(config),
+    return OmniEncoder(omni, ChatTemplate(tok), audio=audio_config(config),
                        speech=speech_targets(config, omni, ChatTemplate(tok)))
 
 

@@ -49,6 +49,8 @@ class SourceConfig(StrictConfig):
     split: str = "train"  # tfds only
     required_fields: tuple[str, ...] = ("messages",)  # jsonl only
     on_corrupt: str = "skip"  # jsonl only: "skip" (warn + count) | "raise"
+    # media its records hold (image / video / audio; () = text only); None = read from records
+    modalities: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
@@ -61,6 +63,12 @@ class SourceConfig(StrictConfig):
         if not isinstance(self.path, str):
             object.__setattr__(self, "path", tuple(self.path))
         object.__setattr__(self, "required_fields", tuple(self.required_fields))
+        if self.modalities is not None:
+            object.__setattr__(self, "modalities", tuple(self.modalities))
+            bad = sorted(set(self.modalities) - {"image", "video", "audio"})
+            if bad:
+                raise ValueError(f"SourceConfig.modalities: unknown {bad}; expected a subset "
+                                 f"of ['audio', 'image', 'video']")
 
     def build(self) -> JsonlSource | TfdsSource:
         if not self.path:
