@@ -250,6 +250,9 @@ def recipe(name: str, model_name: str, flavor: str, stage_order: Sequence[str],
     # data.features AudioConfig: log-mel bins and clip length of the audio tower
     c.audio_features = {"n_mels": mel.get("num_mel_bins", 80),
                         "chunk_seconds": (audio.num_frames if audio else 3000) // 100}
+    # where stage 1's parts start (omni_jax/recipes/init.py): HF directories or omni_jax
+    # checkpoints; empty = random init (adapters and new vectors always start fresh)
+    c.init = {"llm": "", "image": "", "video": "", "audio": "", "speech": ""}
     c.train = trainer_defaults()
     # modules imported before the stages are checked: their @register_loss functions become
     # loss names a stage may use (a stage with a new loss = this + the stage's `losses`)

@@ -14,6 +14,7 @@ Multi-host: --coordinator_address/--num_processes/--process_id or the OMNI_*/JAX
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import logging
 import os
@@ -37,6 +38,7 @@ from omni_jax.cli.recipes import (  # noqa: F401  (load_recipe etc. are re-expor
 from omni_jax.omni_config import OmniConfig
 from omni_jax.parallel.mesh import maybe_initialize_distributed
 from omni_jax.recipes.data import audio_config, count_records, resolve_data, stage_steps
+from omni_jax.recipes.init import load_init
 from omni_jax.speech.targets import speech_targets
 from omni_jax.train.omni_model import OmniLM, stage_model
 from omni_jax.train.stages import FREEZE, StageConfig, label_tree
@@ -268,7 +270,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
              + (f", from stage {plans[i - 1].name}'s final parameters" if i > 0 else ""))
         trainer = Trainer(plan.trainer_config, plan.model)
         it = iter(make_dataset(plan.data, encoder))
-        state = trainer.run(it, _example(plan), os.path.join(workdir, plan.name), params=params)
+        parts = None
+        if i == 0 and config.get("init"):  # stage 1 starts from the pretrained parts
+            parts = functools.partial(load_init, config.init.to_dict(), omni)
+        state = trainer.run(it, _example(plan), os.path.join(workdir, plan.name), params=params,
+                            parts=parts)
         step = int(jax.device_get(state["step"]))
         losses = [(k, m["train/loss/total"]) for k, m in getattr(trainer, "history", [])
                   if "train/loss/total" in m]

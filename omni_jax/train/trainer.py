@@ -141,23 +141,31 @@ class Trainer:
     def _zeros(self) -> dict[str, jax.Array]:
         return {k: jnp.zeros(v.shape, v.dtype) for k, v in self._init_batch.items()}
 
-    def init_state(self, example_batch: Batch, params: Any = None) -> State:
+    def init_state(self, example_batch: Batch, params: Any = None,
+                   parts: Mapping[str, Any] | None = None) -> State:
         """Sharded initial state. example_batch: arrays/ShapeDtypeStructs of one batch (shapes
-        only). params: start from these (e.g. the previous stage's) instead of a fresh init."""
+        only). params: start from these (e.g. the previous stage's) instead of a fresh init.
+        parts: {top-level param key: subtree} replacing those parts of a fresh init (pretrained
+        weights, placed straight into their shardings)."""
         self._setup(example_batch)
+        parts = dict(parts or {})
+        if params is not None and parts:
+            raise ValueError("init_state: pass params or parts, not both")
 
-        def init(rng, given):
-            p = given if given is not None else nn.unbox(
-                self.model.init(rng, self._zeros())["params"])
+        def init(rng, given, parts):
+            p = given if given is not None else {
+                **nn.unbox(self.model.init(rng, self._zeros())["params"]), **parts}
             return {"params": p, "opt_state": self.tx.init(p), "step": jnp.zeros((), jnp.int32)}
 
         if params is not None:
             params = jax.device_put(params, self.param_shardings)
+        part_shardings = {k: self.param_shardings[k] for k in parts}
+        parts = jax.device_put(parts, part_shardings)
         fn = jax.jit(init, in_shardings=(self.replicated, None if params is None else
-                                         self.param_shardings),
+                                         self.param_shardings, part_shardings),
                      out_shardings=self.state_shardings)
         with jax.set_mesh(self.mesh):
-            return fn(jax.random.key(self.config.seed), params)
+            return fn(jax.random.key(self.config.seed), params, parts)
 
     # ---- steps -------------------------------------------------------------------------------
     def _grads(self, params: Any, batch: Batch) -> tuple[Any, dict[str, jax.Array]]:
@@ -245,14 +253,19 @@ class Trainer:
                             keep=c.keep, async_save=c.async_save)
 
     def restore_or_init(self, example_batch: Batch, checkpointer: Checkpointer | None,
-                        data_iter: Any = None, params: Any = None) -> State:
-        """Latest checkpoint in the workdir (state + data position), else a fresh state."""
+                        data_iter: Any = None, params: Any = None,
+                        parts: Any = None) -> State:
+        """Latest checkpoint in the workdir (state + data position), else a fresh state.
+        parts: a callable abstract_params -> init_state's parts, called only for a fresh init."""
         if checkpointer is not None and checkpointer.latest_step() is not None:
             self._setup(example_batch)
             step = checkpointer.latest_step()
             log.info("resuming from step %d in %s", step, checkpointer.directory)
             return checkpointer.restore(step, self.abstract_state, data_iter=data_iter)
-        return self.init_state(example_batch, params)
+        if parts is not None:
+            self._setup(example_batch)
+            parts = parts(self.abstract_state["params"])
+        return self.init_state(example_batch, params, parts)
 
     def fit(self, state: State, train_iter: Iterator[Mapping[str, Any]], *,
             checkpointer: Checkpointer | None = None, logdir: str | None = None,
@@ -335,12 +348,12 @@ class Trainer:
         return means
 
     def run(self, train_iter: Iterator[Mapping[str, Any]], example_batch: Batch,
-            workdir: str | None = None, *, params: Any = None, eval_iter_fn: Any = None
-            ) -> State:
+            workdir: str | None = None, *, params: Any = None, eval_iter_fn: Any = None,
+            parts: Any = None) -> State:
         """restore_or_init from workdir/checkpoints (data position too), then fit."""
         ckpt = self.checkpointer(workdir) if workdir else None
         data_iter = train_iter if hasattr(train_iter, "get_state") else None
-        state = self.restore_or_init(example_batch, ckpt, data_iter, params)
+        state = self.restore_or_init(example_batch, ckpt, data_iter, params, parts)
         try:
             return self.fit(state, train_iter, checkpointer=ckpt, eval_iter_fn=eval_iter_fn,
                             logdir=os.path.join(workdir, "tb") if workdir else None)

@@ -1,0 +1,137 @@
+"""Pretrained init: where each part of a recipe's model starts (config.init).
+
+  init.llm     a Qwen2 Hugging Face directory (config.json + safetensors, sharded index too) or
+               an omni_jax native checkpoint (cli.convert import-hf)  -> params["llm"]
+  init.image   a SigLIP directory / native checkpoint                 -> params["image_encoder"]
+  init.video   the same, for a video tower with its own encoder       -> params["video_encoder"]
+  init.audio   a Whisper directory / native checkpoint (plain Whisper tower)
+                                                                      -> params["audio_encoder"]
+  init.speech  an OpenOmni speech-generator state dict (.bin/.pt/.safetensors, dir) or a
+               native `openomni_speech` checkpoint                    -> params["speech"]
+Adapters and new vectors start fresh. Each checkpoint must describe the configured part: its
+structural hyper-parameters (widths, layers, heads, vocab, rope, eps, ...) equal the config's,
+and its tensors cover the part's parameters with the same shapes; otherwise one ValueError lists
+every mismatch before any compute. Tensors the part does not use (e.g. SigLIP's post-LayerNorm
+when the tower reads an inner layer) are dropped with a warning. The weights are read on the
+host and placed in their shardings by the trainer's init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from omni_jax.convert.tree import flatten, unflatten
+from omni_jax.omni_config import OmniConfig
+
+log = logging.getLogger(__name__)
+PARTS = {"llm": "llm", "image": "image_encoder", "video": "video_encoder",
+         "audio": "audio_encoder", "speech": "speech"}
+# config fields that do not change the weights' meaning (compute settings, which layer is read)
+RUNTIME_FIELDS = {"dtype", "param_dtype", "scan_layers", "remat_policy", "select_layer",
+                  "use_post_layernorm", "pos_interp", "initializer_range",
+                  "max_position_embeddings", "mask_padding"}
+
+
+def part_config(omni: OmniConfig, part: str) -> Any:
+    """The configured part's own config; ValueError if the model has no such part."""
+    if part == "llm":
+        return omni.llm
+    if part == "speech":
+        if omni.speech is None:
+            raise ValueError("init.speech is set but the model has no speech generator")
+        return omni.speech
+    tower = getattr(omni, part)
+    if tower is None:
+        raise ValueError(f"init.{part} is set but the model has no {part} tower")
+    if tower.shared_with:
+        raise ValueError(f"init.{part}: the {part} tower shares the {tower.shared_with} "
+                         f"encoder; set init.{tower.shared_with} instead")
+    if tower.encoder not in ("siglip", "whisper"):
+        raise ValueError(f"init.{part}: encoder {tower.encoder!r} has no checkpoint importer "
+                         f"(supported: siglip, whisper)")
+    return tower.encoder_config
+
+
+def _read(part: str, path: str, config: Any) -> tuple[Any, dict[str, Any]]:
+    """Checkpoint -> (its config, params tree of numpy arrays)."""
+    from omni_jax.convert import registry
+
+    if not os.path.exists(path):
+        raise ValueError(f"init.{part}: {path!r} does not exist")
+    if part == "speech":
+        from omni_jax.convert.openomni import import_openomni, load_native_openomni
+
+        if os.path.isfile(os.path.join(path, registry.NATIVE_META)):
+            loaded_cfg, params = load_native_openomni(path)[:2]
+        else:
+            loaded_cfg, params = config, import_openomni(path, config)
+        return loaded_cfg, params.get("params", params)
+    if os.path.isfile(os.path.join(path, registry.NATIVE_META)):
+        kind, loaded_cfg, params, _ = registry.load_native(path)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        kind, loaded_cfg, params, _ = registry.import_hf(path)
+    else:
+        raise ValueError(f"init.{part}: {path!r} is neither a Hugging Face directory "
+                         f"(config.json) nor an omni_jax checkpoint ({registry.NATIVE_META})")
+    want = {"llm": "qwen2", "image": "siglip_vision", "video": "siglip_vision",
+            "audio": "whisper_encoder"}[part]
+    if kind != want:
+        raise ValueError(f"init.{part}: {path!r} holds a {kind} checkpoint; expected {want}")
+    params = params.get("params", params)
+    if part == "llm" and getattr(loaded_cfg, "scan_layers", False) != config.scan_layers:
+        from omni_jax.convert.tree import stack_layers, unstack_layers
+
+        n = config.num_layers
+        params = stack_layers(params, n) if config.scan_layers else unstack_layers(params, n)
+    return loaded_cfg, params
+
+
+def _config_diff(loaded: Any, config: Any) -> list[str]:
+    a, b = dataclasses.asdict(loaded), dataclasses.asdict(config)
+    out = []
+    for k in sorted(set(a) & set(b) - RUNTIME_FIELDS):
+        if isinstance(a[k], dict) and isinstance(b[k], dict):
+            sub = [f"{k}.{x}" for x in sorted(set(a[k]) & set(b[k]) - RUNTIME_FIELDS)
+                   if a[k][x] != b[k][x]]
+            out += [f"{s}: checkpoint {a[k][s.split('.', 1)[1]]!r}, config "
+                    f"{b[k][s.split('.', 1)[1]]!r}" for s in sub]
+        elif a[k] != b[k]:
+            out.append(f"{k}: checkpoint {a[k]!r}, config {b[k]!r}")
+    return out
+
+
+def load_part(part: str, path: str, omni: OmniConfig, abstract: Mapping[str, Any]
+              ) -> dict[str, np.ndarray]:
+    """One part's params from its checkpoint, checked against the abstract params subtree."""
+    config = part_config(omni, part)
+    loaded_cfg, params = _read(part, path, config)
+    problems = _config_diff(loaded_cfg, config)
+    got, want = flatten(params), flatten(abstract)
+    problems += [f"missing {k} {tuple(v.shape)}" for k, v in want.items() if k not in got]
+    problems += [f"{k}: checkpoint shape {tuple(np.shape(got[k]))}, model {tuple(v.shape)}"
+                 for k, v in want.items() if k in got and tuple(np.shape(got[k])) != v.shape]
+    if problems:
+        raise ValueError(f"init.{part} = {path!r} does not match the model's {part}:\n  "
+                         + "\n  ".join(problems))
+    unused = sorted(set(got) - set(want))
+    if unused:
+        log.warning("init.%s: %d checkpoint tensors unused by the model (%s%s)", part,
+                    len(unused), ", ".join(unused[:4]), ", ..." if len(unused) > 4 else "")
+    return unflatten({k: np.asarray(got[k], dtype=want[k].dtype) for k in want})
+
+
+def load_init(init: Mapping[str, str] | None, omni: OmniConfig, abstract: Mapping[str, Any]
+              ) -> dict[str, Any]:
+    """config.init -> {top-level param key: params} for the parts that name a checkpoint."""
+    init = {k: v for k, v in dict(init or {}).items() if v}
+    unknown = sorted(set(init) - set(PARTS))
+    if unknown:
+        raise ValueError(f"init: unknown parts {unknown}; expected a subset of {sorted(PARTS)}")
+    return {PARTS[p]: load_part(p, str(path), omni, abstract.get(PARTS[p], {}))
+            for p, path in init.items()}
