@@ -227,6 +227,9 @@ def trainer_defaults() -> ConfigDict:
         # LM head + CE fused over token chunks (train.fused_ce): no [tokens, vocab] logits,
         # 1.5-2x faster steps on CPU (bench/README.md); None: plain logits
         "fused_head_chunk": FieldReference(256, field_type=int),
+        # --dry_run's scale plan: per-device bytes on a mesh of this many devices (0: the ones
+        # here), shaped by `mesh` (e.g. data=8, fsdp=8 for a v5p-64 / 8 nodes of 8 GPUs)
+        "plan_devices": 0,
     })
 
 

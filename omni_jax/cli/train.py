@@ -81,7 +81,7 @@ def trainer_config(config: ml_collections.ConfigDict, name: str, steps: int
     s = config.stages[name]
     c = default_config()
     for key, value in config.train.items():
-        if key != "fused_head_chunk":
+        if key not in ("fused_head_chunk", "plan_devices"):
             c[key] = value
     c.batch_size, c.steps = int(s.batch_size), int(steps)
     optim = s.optim.to_dict()
@@ -247,6 +247,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
     plans = make_plan(config, model, count_data=not dry_run)
     echo(format_plan(config, plans))
     if dry_run:
+        from omni_jax.recipes.scale import format_memory, memory_plan
+
+        devices = int(config.train.get("plan_devices") or 0) or jax.device_count()
+        for p in plans:
+            echo(f"  {p.name}: " + format_memory(memory_plan(p.model, p.trainer_config, devices)))
         return {p.name: "planned" for p in plans}
     encoder = make_encoder(config, omni)
     first = order.index(stage) if stage is not None else 0

@@ -1,0 +1,84 @@
+"""Scale plan: per-device bytes of a stage's parameters, gradients and optimizer state on a
+mesh of any size, from abstract shapes and the logical sharding rules (nothing allocated).
+
+  python -m omni_jax.cli.train --config ola:model=qwen7b --workdir w --dry_run \\
+      --config.train.plan_devices=64 --config.train.mesh.data=8 --config.train.mesh.fsdp=8
+
+Gradients count the trainable parameters only (frozen ones get none: XLA drops their
+backward); optimizer state is the stage's optax state (Adam's moments for trainable params).
+Activations and XLA temporaries are not included: they depend on the compiled step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+
+from omni_jax.parallel.mesh import mesh_shape
+from omni_jax.parallel.rules import MESH_AXES
+from omni_jax.parallel.sharding import fit_spec, normalize_rules
+
+GIB = 1024 ** 3
+
+
+def _keys(path: tuple[Any, ...]) -> tuple[str, ...]:
+    tail = []
+    for k in reversed(path):
+        if not isinstance(k, jax.tree_util.DictKey):
+            break
+        tail.append(str(k.key))
+    return tuple(reversed(tail))
+
+
+def _shard_bytes(shape: tuple[int, ...], dtype: Any, spec: PartitionSpec,
+                 mesh: AbstractMesh) -> int:
+    sharded = NamedSharding(mesh, fit_spec(spec, shape, mesh)).shard_shape(shape)
+    return int(math.prod(sharded)) * np.dtype(dtype).itemsize
+
+
+def memory_plan(model: Any, tc: ml_collections.ConfigDict, devices: int) -> dict[str, Any]:
+    """{"mesh", "params", "grads", "opt_state", "total"} per-device bytes for one stage."""
+    from omni_jax.train.optim import OptimConfig, build_optimizer
+    from omni_jax.train.stages import FREEZE, StageConfig, label_tree
+
+    full = mesh_shape(dict(tc.mesh), devices)
+    mesh = AbstractMesh(tuple(full[a] for a in MESH_AXES), MESH_AXES)
+    rules = normalize_rules(tc.rules or None)
+    batch = {"input_ids": jax.ShapeDtypeStruct((1, 8), np.int32)}
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
+    with nn.logical_axis_rules(rules):
+        specs = nn.logical_to_mesh(nn.get_partition_spec(boxed))
+    params = nn.unbox(boxed)
+    stage = StageConfig.from_dict(tc.stage)
+    labels = label_tree(params, stage)
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_s = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+    flat_l = jax.tree.leaves(labels)
+    table, p_bytes, g_bytes = {}, 0, 0
+    for (path, x), spec, lab in zip(flat_p, flat_s, flat_l):
+        b = _shard_bytes(x.shape, x.dtype, spec, mesh)
+        table[_keys(path)] = (x.shape, spec)
+        p_bytes += b
+        g_bytes += b if lab != FREEZE else 0
+    tx, _ = build_optimizer(OptimConfig.from_dict(tc.optim), stage, labels, int(tc.steps))
+    o_bytes = 0
+    for path, x in jax.tree_util.tree_flatten_with_path(jax.eval_shape(tx.init, params))[0]:
+        shape, spec = table.get(_keys(path), (None, None))
+        spec = spec if shape == x.shape else PartitionSpec()
+        o_bytes += _shard_bytes(x.shape, x.dtype, spec, mesh)
+    return {"mesh": full, "params": p_bytes, "grads": g_bytes, "opt_state": o_bytes,
+            "total": p_bytes + g_bytes + o_bytes}
+
+
+def format_memory(plan: Mapping[str, Any]) -> str:
+    mesh = " x ".join(f"{a}={n}" for a, n in plan["mesh"].items() if n > 1) or "1 device"
+    return (f"per device on {mesh}: params {plan['params'] / GIB:.2f} GiB, grads "
+            f"{plan['grads'] / GIB:.2f} GiB, optimizer {plan['opt_state'] / GIB:.2f} GiB, "
+            f"total {plan['total'] / GIB:.2f} GiB (+ activations)")
