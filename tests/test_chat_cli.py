@@ -139,3 +139,101 @@ def test_bad_input_exits_2(trained, tmp_path):
     assert res.returncode == 2
     assert f"error: cannot read --audio '{tmp_path / 'none.wav'}': no such readable file" \
         in res.stderr
+
+
+# ---- speech out with the trained generator (OpenOmni stage IV) ----------------------------------
+def speech_overrides(fx: str, spm: str) -> list[str]:
+    return [f"--config.data_root={fx}", f"--config.tokenizer.path={spm}",
+            "--config.stage_order=('speech_gen',)", "--config.stages.speech_gen.steps=2",
+            "--config.train.peak_flops=1e9", "--config.train.progress_bar=False",
+            "--config.train.tensorboard=False"]
+
+
+def speech_config(fx: str, spm: str):
+    c = load_recipe("openomni:model=tiny")
+    c.data_root, c.tokenizer.path, c.stage_order = fx, spm, ("speech_gen",)
+    c.stages.speech_gen.steps = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def speech_trained(tmp_path_factory):
+    """OpenOmni tiny: only stage IV (CTC generator) trained for 2 steps on speech fixtures."""
+    from omni_jax.data.fixtures import make_fixtures, train_fixture_tokenizer
+    from omni_jax.data.speech_fixtures import make_speech_fixtures
+
+    root = tmp_path_factory.mktemp("chat_speech")
+    manifests = make_fixtures(root / "fx", num_images=4, num_audio=2, num_videos=1, num_text=4,
+                              use_espeak=False)
+    units_dir = make_speech_fixtures(root / "fx", manifests)["units_dir"]
+    spm = train_fixture_tokenizer(manifests, 400, root / "spm", repeat=8)
+    fx, workdir = str(root / "fx"), str(root / "run")
+    res = cli("omni_jax.cli.train", "--config", "openomni:model=tiny", "--workdir", workdir,
+              *speech_overrides(fx, spm), fast=True)
+    assert res.returncode == 0 and "stages: speech_gen=trained" in res.stdout, res.stderr[-3000:]
+    return root, fx, spm, workdir, units_dir
+
+
+def test_chat_speaks_with_the_trained_generator(speech_trained):
+    import json
+
+    import soundfile as sf
+
+    from omni_jax.data.template import ChatTemplate
+    from omni_jax.data.tokenizer import load_tokenizer
+    from omni_jax.infer.speech import SpeechOut, speak_sentences
+    from omni_jax.speech.vocoder import MelTableVocoder
+
+    root, fx, spm, workdir, units_dir = speech_trained
+    config, out, lines = speech_config(fx, spm), root / "speech", []
+    sampling = SamplingConfig(greedy=False, **SAMPLING)
+    answer = run_chat(config, workdir, PROMPT, sampling=sampling, seed=SEED,
+                      max_new_tokens=NEW, stream=True, speak_dir=str(out), units_dir=units_dir,
+                      echo=lines.append)
+    meta = json.loads((out / "speech.json").read_text())
+    vocoder = MelTableVocoder.load(units_dir)
+    wav, rate = sf.read(out / "answer.wav", dtype="float32")
+    units = [np.asarray(s["units"], np.int32) for s in meta["sentences"]]
+    n_units = sum(len(u) for u in units)
+    print(f"chat speech: {len(units)} sentence(s), {n_units} units, {len(wav)} samples")
+    assert rate == meta["sample_rate"] == vocoder.sample_rate == 16000  # espeak-ng: 22050
+    assert [s["text"] for s in meta["sentences"]] == lines and answer
+    assert n_units > 0 and len(wav) == n_units * vocoder.sample_rate // vocoder.frame_rate
+    for k, u in enumerate(units):  # each sentence wav is the vocoder on its units
+        got, _ = sf.read(out / f"sentence_{k:03d}.wav", dtype="float32")
+        np.testing.assert_array_equal(got, vocoder(u) if len(u) else np.zeros(0, np.float32))
+    # the units are the trained generator's on the LLM's states (non-streamed run, same tokens)
+    from omni_jax.data.omni import OmniEncoder
+
+    omni = OmniConfig.from_dict(config.model.to_dict())
+    lm = OmniLM(omni)
+    tok = load_tokenizer(config.tokenizer.to_dict())
+    from omni_jax.data.features.config import AudioConfig
+
+    encoder = OmniEncoder(omni, ChatTemplate(tok),
+                          audio=AudioConfig.from_dict(config.audio_features.to_dict()))
+    batch = prompt_from_record(encoder, user_record(PROMPT))
+    params = final_params(workdir, make_plan(config, lm)[0], lm)
+    llm = {"params": {k: v for k, v in params.items() if k != "speech"}}
+    spans = [s["token_ids"] for s in meta["sentences"]]  # (= generate_omni's: infer tests)
+    assert tok.decode([t for s in spans for t in s]).strip() == answer
+    speech = SpeechOut.from_template(omni.speech, params["speech"], vocoder, encoder.template)
+    assert speech.header_len == 3 and speech.footer_ids[0] == tok.im_end_id
+    ref = speak_sentences(lm.module, llm, batch, speech, spans)
+    for u, r in zip(units, ref):
+        np.testing.assert_array_equal(u, r.units)
+
+
+def test_chat_generator_without_vocoder_fails_clearly(speech_trained, trained, tmp_path):
+    root, fx, spm, workdir, _ = speech_trained
+    with pytest.raises(ValueError, match="has a trained speech generator but no vocoder"):
+        run_chat(speech_config(fx, spm), workdir, PROMPT, speak_dir=str(tmp_path / "s"))
+    res = cli("omni_jax.cli.chat", "--config", "openomni:model=tiny", "--workdir", workdir,
+              *speech_overrides(fx, spm), "--prompt", PROMPT, "--speak_dir",
+              str(tmp_path / "s"), "--units_dir", str(tmp_path / "none"))
+    assert res.returncode == 2
+    assert f"error: --units_dir '{tmp_path / 'none'}': no such directory" in res.stderr
+    _, cfx, cspm, cworkdir, _ = trained  # capybara: no generator at all
+    with pytest.raises(ValueError, match="--tts=generator but stage 'phase1a' has no trained"):
+        run_chat(in_process_config(cfx, cspm), cworkdir, PROMPT, speak_dir=str(tmp_path),
+                 tts="generator")

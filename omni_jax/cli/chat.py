@@ -1,6 +1,6 @@
 """Chat with a trained recipe: `python -m omni_jax.cli.chat --config RECIPE[:ARG] --workdir DIR
 --prompt "..." [--image PATH] [--audio PATH] [--video PATH|FRAME_DIR] [--stage NAME]
-[--max_new_tokens N] [--stream] [--speak_dir DIR]`.
+[--max_new_tokens N] [--stream] [--speak_dir DIR] [--units_dir DIR] [--tts auto]`.
 
 Loads the final parameters of a stage trained by omni_jax.cli.train in DIR (default: the last
 finished stage of config.stage_order) and the recipe's tokenizer; give the same --config and
@@ -10,6 +10,11 @@ to a wav there (espeak-ng; infer.stream's pluggable `speak` hook). Media flags r
 several items. Bad input (no finished stage, media for a modality the model lacks, unreadable
 media, a prompt too long for the model) prints the error and exits with status 2.
 --config/--workdir/--stage are the train CLI's flags (one recipe loader for both).
+Speech out: when the model has a speech generator (config.model.speech) that a finished stage
+up to the chosen one trained, --speak_dir speaks with it (infer.speech: the LLM's states per
+sentence -> units -> the vocoder of --units_dir, default config.speech_units.dir) and writes
+sentence_NNN.wav, answer.wav (all sentences) and speech.json (sentences, units) there; else
+espeak-ng. --tts=generator|espeak forces one (auto by default).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from omni_jax.infer.omni import (
 from omni_jax.omni_config import MODALITIES, OmniConfig
 
 RECORD_KEYS = {"image": "images", "video": "videos", "audio": "audios"}
+SPEECH_PARAMS = ("speech", "speech_ref")  # generator params: not the LLM's
+TTS = ("auto", "generator", "espeak")
 _FRAME_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -71,6 +78,19 @@ def _load_media(encoder: Any, media: dict[str, list[str]]) -> dict[str, np.ndarr
 def pick_stage(config: ml_collections.ConfigDict, workdir: str, model: Any,
                stage: str | None = None) -> train_cli.StagePlan:
     """The plan of `stage` (it must have finished) or of the last finished stage."""
+    return _pick(config, workdir, model, stage)[0]
+
+
+def _pick(config: ml_collections.ConfigDict, workdir: str, model: Any, stage: str | None
+          ) -> tuple[train_cli.StagePlan, bool]:
+    """(plan, whether it or a finished stage before it trained the speech generator)."""
+    plan, finished = _pick_plan(config, workdir, model, stage)
+    upto = finished[:[p.name for p in finished].index(plan.name) + 1]
+    return plan, any("speech" in p.trainable_groups for p in upto)
+
+
+def _pick_plan(config: ml_collections.ConfigDict, workdir: str, model: Any,
+               stage: str | None) -> tuple[train_cli.StagePlan, list[train_cli.StagePlan]]:
     plans = train_cli.make_plan(config, model)
     names = [p.name for p in plans]
     if stage is not None and stage not in names:
@@ -80,12 +100,53 @@ def pick_stage(config: ml_collections.ConfigDict, workdir: str, model: Any,
         if stage not in [p.name for p in finished]:
             raise ValueError(f"stage {stage!r} has not finished in {workdir} (no final "
                              f"checkpoint); finished: {[p.name for p in finished] or 'none'}")
-        return plans[names.index(stage)]
+        return plans[names.index(stage)], finished
     if not finished:
         raise ValueError(f"no finished stage in {workdir}: none of {names} has its final "
                          "checkpoint; train first (python -m omni_jax.cli.train with the same "
                          "--config) or check --workdir")
-    return finished[-1]
+    return finished[-1], finished
+
+
+def _vocoder(config: ml_collections.ConfigDict, units_dir: str | None) -> Any:
+    """The vocoder of --units_dir (default config.speech_units.dir); clear error if none."""
+    from omni_jax.speech.vocoder import MelTableVocoder
+
+    path = units_dir or (config.get("speech_units", {}) or {}).get("dir") or ""
+    if not path:
+        raise ValueError("the model has a trained speech generator but no vocoder to voice its "
+                         "units: give --units_dir (the saved unit tokenizer + vocoder "
+                         "directory) or --config.speech_units.dir, or --tts=espeak")
+    if not os.path.isdir(path):
+        raise ValueError(f"--units_dir {path!r}: no such directory (expected vocoder.json + "
+                         f"vocoder.npz, as MelTableVocoder.save writes)")
+    try:
+        return MelTableVocoder.load(path)
+    except ValueError as e:
+        raise ValueError(f"cannot load the vocoder of --units_dir: {e}") from e
+
+
+def _write_speech(speak_dir: str, chunks: Sequence[Any]) -> str:
+    """sentence_NNN.wav per chunk, answer.wav (all of them), speech.json -> a summary line."""
+    import json
+
+    import soundfile as sf
+
+    os.makedirs(speak_dir, exist_ok=True)
+    rate = chunks[0].sample_rate if chunks else 16000
+    for c in chunks:
+        sf.write(os.path.join(speak_dir, f"sentence_{c.index:03d}.wav"), c.wav, rate,
+                 subtype="FLOAT")
+    wav = np.concatenate([c.wav for c in chunks]) if chunks else np.zeros(0, np.float32)
+    sf.write(os.path.join(speak_dir, "answer.wav"), wav, rate, subtype="FLOAT")
+    meta = {"sample_rate": rate, "sentences": [
+        {"text": c.sentence, "units": c.units.tolist(), "token_ids": list(c.token_ids),
+         "samples": len(c.wav)} for c in chunks]}
+    with open(os.path.join(speak_dir, "speech.json"), "w") as f:
+        json.dump(meta, f)
+    units = sum(len(c.units) for c in chunks)
+    return (f"spoke {len(chunks)} sentence(s) with the speech generator ({units} units, "
+            f"{len(wav) / rate:.2f} s) to {speak_dir}")
 
 
 def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
@@ -93,9 +154,11 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
              videos: Sequence[str] = (), system: str | None = None, max_new_tokens: int = 256,
              sampling: SamplingConfig = GREEDY, seed: int = 0, stream: bool = False,
              speak_dir: str | None = None, voice: str | None = None,
+             units_dir: str | None = None, tts: str = "auto",
              echo: Callable[[str], None] = print) -> str:
     """Answer one user turn with a trained stage; -> the answer text (also echoed: whole, or
-    one sentence per call with stream). Inputs are checked before the parameters load."""
+    one sentence per call with stream). Inputs are checked before the parameters load.
+    tts: "auto" (the trained speech generator if any, else espeak-ng), "generator", "espeak"."""
     import flax.linen as nn
     import jax
 
@@ -108,6 +171,8 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("--prompt must be a non-empty string")
+    if tts not in TTS:
+        raise ValueError(f"--tts must be one of {TTS}, got {tts!r}")
     omni = OmniConfig.from_dict(config.model.to_dict())
     media = {"image": list(images), "video": list(videos), "audio": list(audios)}
     towers = [m for m in MODALITIES if getattr(omni, m) is not None and not config.text_only]
@@ -126,8 +191,14 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
     batch = prompt_from_record(encoder, user_record(prompt, system=system, **{
         RECORD_KEYS[m]: p for m, p in media.items()}), media=arrays)
     lm = OmniLM(omni, config.train.get("fused_head_chunk"))
-    plan = pick_stage(config, workdir, lm, stage)
-    variables = {"params": nn.unbox(train_cli.final_params(workdir, plan, lm))}
+    plan, speech_trained = _pick(config, workdir, lm, stage)
+    if tts == "generator" and not speech_trained:
+        raise ValueError(f"--tts=generator but stage {plan.name!r} has no trained speech "
+                         f"generator (config.model.speech and a stage training 'speech')")
+    use_generator = speak_dir is not None and tts != "espeak" and speech_trained
+    vocoder = _vocoder(config, units_dir) if use_generator else None
+    params = nn.unbox(train_cli.final_params(workdir, plan, lm))
+    variables = {"params": {k: v for k, v in params.items() if k not in SPEECH_PARAMS}}
     stops = (tok.eos_id, tok.endoftext_id)  # Qwen2 chat: <|im_end|>, <|endoftext|>
     kw = dict(max_new_tokens=max_new_tokens, eos_id=stops, pad_id=tok.pad_id,
               sampling=sampling, rng=jax.random.key(seed), vocab_limit=tok.vocab_size)
@@ -137,6 +208,25 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
         ids = ids[:np.argmax(end)] if end.any() else ids
         answer = tok.decode(ids.tolist()).strip()
         echo(answer)
+        return answer
+    if use_generator:
+        from omni_jax.infer.speech import AudioChunk, SpeechOut, stream_speech
+
+        speech = SpeechOut.from_template(omni.speech, params["speech"], vocoder,
+                                         encoder.template)
+        text, chunks = [], []
+        for ev in stream_speech(lm.module, variables, batch, speech, tok.decode,
+                                speech_rng=jax.random.key(seed), **kw):
+            if isinstance(ev, AudioChunk):
+                chunks.append(ev)
+                continue
+            text.append(ev.text)
+            for s in ev.sentences if stream else ():
+                echo(s)
+        answer = "".join(text).strip()
+        if not stream:
+            echo(answer)
+        print(_write_speech(speak_dir, chunks), file=sys.stderr)
         return answer
     speak = espeak_tts(speak_dir, voice) if speak_dir is not None else None
     rows = (int(t[0]) for t in stream_omni(lm.module, variables, batch, **kw))
@@ -168,6 +258,10 @@ flags.DEFINE_integer("seed", 0, "sampling rng seed")
 flags.DEFINE_bool("stream", False, "print the answer sentence by sentence as it decodes")
 flags.DEFINE_string("speak_dir", None, "speak each sentence to a wav in this directory")
 flags.DEFINE_string("voice", None, "espeak-ng voice (default: cmn for CJK text, else en)")
+flags.DEFINE_string("units_dir", None, "unit tokenizer + vocoder directory of the speech "
+                    "generator (default: config.speech_units.dir)")
+flags.DEFINE_enum("tts", "auto", list(TTS), "speech for --speak_dir: the trained generator "
+                  "(auto: when the model has one) or espeak-ng")
 FLAGS = flags.FLAGS
 
 
@@ -185,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  images=FLAGS.image, audios=FLAGS.audio, videos=FLAGS.video,
                  system=FLAGS.system, max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
                  seed=FLAGS.seed, stream=FLAGS.stream, speak_dir=FLAGS.speak_dir,
-                 voice=FLAGS.voice, echo=lambda s: print(s, flush=True))
+                 voice=FLAGS.voice, units_dir=FLAGS.units_dir, tts=FLAGS.tts,
+                 echo=lambda s: print(s, flush=True))
     except KeyError as e:  # a --config.a.b override naming no field
         print(f"error: bad --config override: no field {e}", file=sys.stderr)
         return 2

@@ -162,6 +162,72 @@ class IncrementalDecoder:
         return delta
 
 
+class SentenceTokens:
+    """One row's tokens -> text deltas and sentences (as SentenceSplitter) plus each sentence's
+    token span. A token belongs to the sentence holding its first non-space character; tokens
+    without one (spaces, held-back bytes) go with the next token, trailing ones with the last
+    sentence. A span is `sealed` (final) once a later token has text, or after `finish`."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str],
+                 config: SplitterConfig | None = None) -> None:
+        self.detok, self.splitter = IncrementalDecoder(decode), SentenceSplitter(config)
+        self.tokens: list[int] = []
+        self.spans: list[list[Any]] = []  # [sentence, first token, end token (exclusive)]
+        self.finished = False
+        self._first: list[int] = []  # per token: offset of its first non-space char, or -1
+        self._cursor = 0  # text offset where the next sentence is searched
+        self._last_text = -1  # index of the last token with a non-space char
+
+    def push(self, token: int) -> tuple[str, list[str]]:
+        """Add a token -> (text delta, sentences it completed)."""
+        before = len(self.detok.text)
+        delta = self.detok.push(token)
+        self.tokens.append(int(token))
+        first = next((before + i for i, ch in enumerate(self.detok.text[before:])
+                      if not ch.isspace()), -1)
+        self._first.append(first)
+        if first >= 0:
+            self._last_text = len(self.tokens) - 1
+        done = self.splitter.feed(delta) if delta else []
+        self._close(done)
+        return delta, done
+
+    def finish(self) -> tuple[str, list[str]]:
+        """End of the answer -> (last delta, remaining sentences); every span is then sealed."""
+        delta = self.detok.finish()
+        done = (self.splitter.feed(delta) if delta else []) + self.splitter.flush()
+        self._close(done, final=True)
+        if self.spans:  # trailing tokens without text join the last sentence
+            self.spans[-1][2] = len(self.tokens)
+        self.finished = True
+        return delta, done
+
+    def sealed(self) -> int:
+        """How many leading spans are final."""
+        if self.finished:
+            return len(self.spans)
+        return sum(1 for _, _, end in self.spans if end <= self._last_text)
+
+    def _close(self, sentences: list[str], final: bool = False) -> None:
+        text = self.detok.text
+        start = self.spans[-1][2] if self.spans else 0
+        for i, sentence in enumerate(sentences):
+            at = text.find(sentence, self._cursor)
+            end_char = len(text) if at < 0 else at + len(sentence)
+            self._cursor = end_char
+            stop = start
+            if final and i == len(sentences) - 1:
+                stop = len(self.tokens)
+            else:
+                for j in range(start, len(self.tokens)):
+                    if self._first[j] >= end_char:
+                        break
+                    if self._first[j] >= 0:
+                        stop = j + 1
+            self.spans.append([sentence, start, stop])
+            start = stop
+
+
 def stream_text(tokens: Iterable[int], decode: Callable[[Sequence[int]], str], *,
                 eos_id: int | Collection[int] | None = None,
                 speak: Callable[[str], Any] | None = None,

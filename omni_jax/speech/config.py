@@ -52,6 +52,7 @@ class SpeechGenConfig(StrictConfig):
     sample_top_p: float = 0.8  # AR sampling defaults (used by the sampler)
     sample_top_k: int = 25
     repetition_window: int = 10
+    repetition_ratio: float = 0.1  # RAS: resample when a unit fills this share of the window
 
     def __post_init__(self) -> None:
         who = "SpeechGenConfig"
@@ -79,6 +80,9 @@ class SpeechGenConfig(StrictConfig):
                              f"{self.moe_shared_hidden}, {self.moe_group_size}")
         if self.sample_top_p > 1:
             raise ValueError(f"{who}.sample_top_p must be in (0, 1], got {self.sample_top_p}")
+        if not 0 < self.repetition_ratio <= 1:
+            raise ValueError(f"{who}.repetition_ratio must be in (0, 1], got "
+                             f"{self.repetition_ratio}")
         if self.repetition_window < 0:
             raise ValueError(f"{who}.repetition_window must be >= 0, got "
                              f"{self.repetition_window}")

@@ -152,3 +152,25 @@ def test_espeak_missing_skips_cleanly(tmp_path, monkeypatch):
     assert not (tmp_path / "none").exists()
     with pytest.raises(ValueError, match="voice must be an espeak-ng voice name"):
         espeak_tts(tmp_path, voice="")
+
+
+def test_sentence_tokens_spans():
+    pieces = ["Hi", " there", ".", " ", "Next", " one", ". T", "wo", " ", "..."]
+    tr = stream.SentenceTokens(lambda ids: "".join(pieces[i] for i in ids))
+    sealed = []
+    for i in range(len(pieces)):
+        tr.push(i)
+        sealed.append(tr.sealed())
+    assert tr.finish() == ("", ["Two ..."])
+    # a token goes with the sentence of its first non-space char; spaces with the next token
+    assert tr.spans == [["Hi there.", 0, 3], ["Next one.", 3, 7], ["Two ...", 7, 10]]
+    assert sealed == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2] and tr.sealed() == 3
+    # the last sentence's text sits in the previous sentence's token: it keeps the trailing space
+    tr = stream.SentenceTokens(lambda ids: "".join(["A", " b", ". C", " "][i] for i in ids))
+    for i in range(4):
+        tr.push(i)
+    assert tr.finish()[1] == ["C"] and tr.spans == [["A b.", 0, 3], ["C", 3, 4]]
+    tr = stream.SentenceTokens(lambda ids: "".join(["Ok", ".", " ", " "][i] for i in ids))
+    for i in range(4):
+        tr.push(i)
+    assert tr.finish() == ("", []) and tr.spans == [["Ok.", 0, 4]]  # trailing spaces join it
