@@ -180,7 +180,7 @@ def dpo_loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
                - label_smoothing * jax.nn.log_sigmoid(-beta * logits))
     else:
         per = (logits - 1.0 / (2.0 * beta)) ** 2
-    mask = batch.get("dpo_mask")
+    mask = outputs.get("dpo_mask", batch.get("dpo_mask"))  # real pairs (SpeechHead sets it)
     mask = jnp.ones_like(per) if mask is None else mask.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(mask), 1.0)
 
