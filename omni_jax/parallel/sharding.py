@@ -99,6 +99,16 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh, rules: Rules) -> dict[str, ja
     return out
 
 
+def dict_key_tail(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """The trailing run of dict keys of a pytree path (what optimizer state shares with params)."""
+    tail = []
+    for k in reversed(path):
+        if not isinstance(k, jax.tree_util.DictKey):
+            break
+        tail.append(str(k.key))
+    return tuple(reversed(tail))
+
+
 def mirror_shardings(abstract_tree: Any, params: Any, param_shardings: Any,
                      mesh: Mesh) -> Any:
     """Shardings for a tree that mirrors params in places (e.g. optimizer state: Adam's mu/nu).
@@ -106,14 +116,7 @@ def mirror_shardings(abstract_tree: Any, params: Any, param_shardings: Any,
     A leaf whose trailing dict-key path equals a parameter path with the same shape gets that
     parameter's sharding; every other leaf (step counters, ...) is replicated.
     """
-    def keys(path):
-        tail = []
-        for k in reversed(path):
-            if not isinstance(k, jax.tree_util.DictKey):
-                break
-            tail.append(str(k.key))
-        return tuple(reversed(tail))
-
+    keys = dict_key_tail
     table = {keys(p): (np.shape(x), s) for (p, x), s in zip(
         jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -23,18 +23,9 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from omni_jax.parallel.mesh import mesh_shape
 from omni_jax.parallel.rules import MESH_AXES
-from omni_jax.parallel.sharding import fit_spec, normalize_rules
+from omni_jax.parallel.sharding import dict_key_tail, fit_spec, normalize_rules
 
 GIB = 1024 ** 3
-
-
-def _keys(path: tuple[Any, ...]) -> tuple[str, ...]:
-    tail = []
-    for k in reversed(path):
-        if not isinstance(k, jax.tree_util.DictKey):
-            break
-        tail.append(str(k.key))
-    return tuple(reversed(tail))
 
 
 def _shard_bytes(shape: tuple[int, ...], dtype: Any, spec: PartitionSpec,
@@ -64,13 +55,13 @@ def memory_plan(model: Any, tc: ml_collections.ConfigDict, devices: int) -> dict
     table, p_bytes, g_bytes = {}, 0, 0
     for (path, x), spec, lab in zip(flat_p, flat_s, flat_l):
         b = _shard_bytes(x.shape, x.dtype, spec, mesh)
-        table[_keys(path)] = (x.shape, spec)
+        table[dict_key_tail(path)] = (x.shape, spec)
         p_bytes += b
         g_bytes += b if lab != FREEZE else 0
     tx, _ = build_optimizer(OptimConfig.from_dict(tc.optim), stage, labels, int(tc.steps))
     o_bytes = 0
     for path, x in jax.tree_util.tree_flatten_with_path(jax.eval_shape(tx.init, params))[0]:
-        shape, spec = table.get(_keys(path), (None, None))
+        shape, spec = table.get(dict_key_tail(path), (None, None))
         spec = spec if shape == x.shape else PartitionSpec()
         o_bytes += _shard_bytes(x.shape, x.dtype, spec, mesh)
     return {"mesh": full, "params": p_bytes, "grads": g_bytes, "opt_state": o_bytes,
