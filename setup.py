@@ -26,14 +26,23 @@ INSTALL_REQUIRES = [
     "pillow>=10",  # image decoding / resizing in data.features.image
     "av>=12",  # PyAV: video decoding (wheels bundle ffmpeg; no system ffmpeg needed)
     "absl-py>=2",  # flags for the train CLI (ml_collections config_flags)
+    "etils[epath]>=1.7",  # omni_jax.utils.fs: one path layer for local and gs:// paths
+    "tokenizers>=0.22",  # tokenizer kind "hf" (a Hugging Face tokenizer.json)
 ]
+
+# Accelerators the launch scripts target; the same jax bounds as above.
+EXTRAS = {
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
+    "gcs": ["gcsfs>=2024.2"],  # gs:// data, tokenizer, init and export paths via etils.epath
+    "torch": ["torch>=2.3"],  # converters of torch checkpoint files (weights_only loads)
+}
 
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-xdist>=3.5",
     "torch==2.13.0",  # the CPU wheel on this project's machines; used only as the parity reference
     "transformers>=5.23,<6",
-    "tokenizers>=0.22",
     "scikit-learn>=1.5",
     "ruff>=0.6",
 ]
@@ -45,5 +54,5 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["omni_jax", "omni_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, **EXTRAS},
 )

@@ -1,6 +1,6 @@
 """OmniConfig: which encoder and adapter each modality uses, on top of an LLMConfig.
 
-A config dict (e.g. from configs/models/*.py) looks like
+A config dict (e.g. from omni_jax/configs/models/*.py) looks like
   {"llm": {...LLMConfig...},
    "image": {"encoder": "siglip", "encoder_config": {...}, "adapter": "mlp_2x2",
              "adapter_config": {...}, "image_size": [64, 64]},

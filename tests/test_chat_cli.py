@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from omni_jax.cli.chat import run_chat
-from omni_jax.cli.train import final_params, load_recipe, make_plan
 from omni_jax.infer.generate import SamplingConfig
 from omni_jax.infer.omni import generate_omni, prompt_from_record, user_record
 from omni_jax.infer.stream import SentenceSplitter, espeak_available
 from omni_jax.omni_config import OmniConfig
+from omni_jax.recipes import final_params, load_recipe, make_plan
 from omni_jax.train.omni_model import OmniLM
 
 ROOT = Path(__file__).resolve().parents[1]

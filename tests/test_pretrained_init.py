@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers
 
-from omni_jax.cli.train import final_params, load_recipe, make_plan, run
 from omni_jax.convert import qwen2, siglip, whisper
 from omni_jax.convert.tree import flatten
 from omni_jax.omni_config import OmniConfig
+from omni_jax.recipes import final_params, load_recipe, make_plan, run
 from omni_jax.recipes.init import load_init
 from omni_jax.train.omni_model import OmniLM
 

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from omni_jax.cli.train import load_recipe, make_plan
 from omni_jax.omni_config import OmniConfig
+from omni_jax.recipes import load_recipe, make_plan
 from omni_jax.train.omni_model import OmniLM
 from omni_jax.train.stages import FREEZE, StageConfig, label_tree, param_paths
 

@@ -4,8 +4,8 @@ any size, from abstract shapes (the qwen7b recipes plan on this CPU without allo
 import jax
 import numpy as np
 
-from omni_jax.cli.train import load_recipe, make_plan, run
 from omni_jax.omni_config import OmniConfig
+from omni_jax.recipes import load_recipe, make_plan, run
 from omni_jax.recipes.scale import memory_plan
 from omni_jax.train.omni_model import OmniLM
 from omni_jax.train.stages import FREEZE

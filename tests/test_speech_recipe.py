@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from omni_jax.cli.train import final_params, load_recipe, make_plan, run
+from omni_jax.recipes import final_params, load_recipe, make_plan, run
 from omni_jax.train.stages import param_paths
 
 STAGES = ("speech_gen", "speech_dpo")

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from omni_jax.cli.train import format_plan, load_recipe, make_encoder, make_plan
 from omni_jax.data.pipeline import make_dataset
 from omni_jax.omni_config import OmniConfig
+from omni_jax.recipes import format_plan, load_recipe, make_encoder, make_plan
 from omni_jax.train.omni_model import OmniLM
 
 

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from omni_jax.cli.train import final_params, load_recipe, make_plan, run
 from omni_jax.omni_config import OmniConfig
+from omni_jax.recipes import final_params, load_recipe, make_plan, run
 from omni_jax.train.omni_model import OmniLM
 from omni_jax.train.stages import param_paths
 
@@ -135,8 +135,8 @@ def test_export_hf_writes_the_last_stages_llm(data, trained, tmp_path):
     from transformers import Qwen2ForCausalLM
 
     from omni_jax.cli import check_logits
-    from omni_jax.cli.train import export_llm
     from omni_jax.convert.qwen2 import params_to_hf
+    from omni_jax.recipes import export_llm
 
     _, fx, spm = data
     config = in_process_config(fx, spm)

@@ -1,15 +1,17 @@
-"""Chat with a trained recipe: `python -m omni_jax.cli.chat --config RECIPE[:ARG] --workdir DIR
+"""Chat with a trained recipe: `python -m omni_jax.cli.chat --workdir DIR [--config RECIPE[:ARG]]
 --prompt "..." [--image PATH] [--audio PATH] [--video PATH|FRAME_DIR] [--stage NAME]
 [--max_new_tokens N] [--stream] [--speak_dir DIR] [--units_dir DIR] [--tts auto]`.
 
 Loads the final parameters of a stage trained by omni_jax.cli.train in DIR (default: the last
-finished stage of config.stage_order) and the recipe's tokenizer; give the same --config and
---config.* overrides as for training (tokenizer path, steps). The answer is printed whole, or
-with --stream sentence by sentence as it decodes (Ola-style); --speak_dir speaks each sentence
-to a wav there (espeak-ng; infer.stream's pluggable `speak` hook). Media flags repeat for
-several items. Bad input (no finished stage, media for a modality the model lacks, unreadable
-media, a prompt too long for the model) prints the error and exits with status 2.
---config/--workdir/--stage are the train CLI's flags (one recipe loader for both).
+finished stage of config.stage_order) and the recipe's tokenizer. The config is the one the
+training run wrote into DIR (no overrides to repeat); --config (with --config.* overrides)
+replaces it. Parameters only are restored (no optimizer state), in their shardings.
+The answer is printed whole, or with --stream sentence by sentence as it decodes
+(Ola-style); --speak_dir speaks each sentence to a wav there (espeak-ng; infer.stream's
+pluggable `speak` hook). Media flags repeat for several items. Bad input (no finished stage,
+media for a modality the model lacks, unreadable media, a prompt too long for the model)
+prints the error and exits with status 2. --config/--workdir/--stage are the flags of
+omni_jax.cli.recipes, shared with the train CLI.
 Speech out: when the model has a speech generator (config.model.speech) that a finished stage
 up to the chosen one trained, --speak_dir speaks with it (infer.speech: the LLM's states per
 sentence -> units -> the vocoder of --units_dir, default config.speech_units.dir) and writes
@@ -28,8 +30,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from omni_jax import recipes as omni_recipes  # the library API (plans, final params)
 from omni_jax.cli import recipes
-from omni_jax.cli import train as train_cli
 from omni_jax.infer.generate import SamplingConfig
 from omni_jax.infer.omni import (
     GREEDY,
@@ -76,13 +78,13 @@ def _load_media(encoder: Any, media: dict[str, list[str]]) -> dict[str, np.ndarr
 
 
 def pick_stage(config: ml_collections.ConfigDict, workdir: str, model: Any,
-               stage: str | None = None) -> train_cli.StagePlan:
+               stage: str | None = None) -> omni_recipes.StagePlan:
     """The plan of `stage` (it must have finished) or of the last finished stage."""
     return _pick(config, workdir, model, stage)[0]
 
 
 def _pick(config: ml_collections.ConfigDict, workdir: str, model: Any, stage: str | None
-          ) -> tuple[train_cli.StagePlan, bool]:
+          ) -> tuple[omni_recipes.StagePlan, bool]:
     """(plan, whether it or a finished stage before it trained the speech generator)."""
     plan, finished = _pick_plan(config, workdir, model, stage)
     upto = finished[:[p.name for p in finished].index(plan.name) + 1]
@@ -90,12 +92,12 @@ def _pick(config: ml_collections.ConfigDict, workdir: str, model: Any, stage: st
 
 
 def _pick_plan(config: ml_collections.ConfigDict, workdir: str, model: Any,
-               stage: str | None) -> tuple[train_cli.StagePlan, list[train_cli.StagePlan]]:
-    plans = train_cli.make_plan(config, model)
+               stage: str | None) -> tuple[omni_recipes.StagePlan, list[omni_recipes.StagePlan]]:
+    plans = omni_recipes.make_plan(config, model)
     names = [p.name for p in plans]
     if stage is not None and stage not in names:
         raise ValueError(f"unknown stage {stage!r}; recipe {config.recipe!r} has stages {names}")
-    finished = [p for p in plans if train_cli.stage_finished(workdir, p)]
+    finished = [p for p in plans if omni_recipes.stage_finished(workdir, p)]
     if stage is not None:
         if stage not in [p.name for p in finished]:
             raise ValueError(f"stage {stage!r} has not finished in {workdir} (no final "
@@ -197,7 +199,7 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
                          f"generator (config.model.speech and a stage training 'speech')")
     use_generator = speak_dir is not None and tts != "espeak" and speech_trained
     vocoder = _vocoder(config, units_dir) if use_generator else None
-    params = nn.unbox(train_cli.final_params(workdir, plan, lm))
+    params = nn.unbox(omni_recipes.final_params(workdir, plan, lm))
     variables = {"params": {k: v for k, v in params.items() if k not in SPEECH_PARAMS}}
     stops = (tok.eos_id, tok.endoftext_id)  # Qwen2 chat: <|im_end|>, <|endoftext|>
     kw = dict(max_new_tokens=max_new_tokens, eos_id=stops, pad_id=tok.pad_id,
@@ -271,11 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = recipes.resolve_argv(argv)  # recipe names -> config files
         sys.argv = argv  # config_flags finds the --config.* overrides to define in sys.argv
         FLAGS(argv)
-        if FLAGS.config is None or not FLAGS.workdir or FLAGS.prompt is None:
-            raise ValueError("--config, --workdir and --prompt are required")
+        if not FLAGS.workdir or FLAGS.prompt is None:
+            raise ValueError("--workdir and --prompt are required")
+        config = recipes.config_or_run(FLAGS.config, FLAGS.workdir)
         sampling = GREEDY if FLAGS.temperature == 0 else SamplingConfig(
             greedy=False, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
-        run_chat(FLAGS.config, FLAGS.workdir, FLAGS.prompt, stage=FLAGS.stage,
+        run_chat(config, FLAGS.workdir, FLAGS.prompt, stage=FLAGS.stage,
                  images=FLAGS.image, audios=FLAGS.audio, videos=FLAGS.video,
                  system=FLAGS.system, max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
                  seed=FLAGS.seed, stream=FLAGS.stream, speak_dir=FLAGS.speak_dir,

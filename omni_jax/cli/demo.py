@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from omni_jax.cli import check_logits
     from omni_jax.cli.chat import run_chat
-    from omni_jax.cli.train import final_params, load_recipe, make_plan, run
     from omni_jax.convert.qwen2 import export_qwen2
     from omni_jax.omni_config import OmniConfig
+    from omni_jax.recipes import final_params, load_recipe, make_plan, run
     from omni_jax.train.omni_model import OmniLM
 
     t0 = time.time()
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                "question": question, "reference": truth, "answer": answer,
                "parity_ok": rc == 0, "seconds": round(time.time() - t0, 1),
                "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params)))}
-    steps = " ".join(f"--config.stages.{n}.steps={args.steps}" for n in config.stage_order)
-    chat = (f"python -m omni_jax.cli.chat --config {args.recipe}:model=tiny --workdir "
-            f"{workdir}/train --config.tokenizer.path={spm} {steps} --prompt "
+    chat = (f"python -m omni_jax.cli.chat --workdir {workdir}/train --prompt "
             f"'{question}' --image {image} --stream --speak_dir {workdir}/speech")
     summary["chat_command"] = chat
     print(f"chat with the trained model:\n  {chat}")

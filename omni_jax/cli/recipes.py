@@ -1,39 +1,31 @@
-"""Recipe lookup and command-line plumbing shared by the train and chat CLIs."""
+"""Command-line plumbing shared by the train, chat and evaluate CLIs: the --config / --workdir
+/ --stage flags, recipe names in --config, and where the config comes from (--config, else the
+run directory's resolved config)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RECIPE_DIR = REPO_ROOT / "configs" / "recipes"
+from omni_jax.recipes.registry import known_recipes, load_recipe, resolve_recipe
+from omni_jax.recipes.run import load_run_config
 
+__all__ = ["config_or_run", "error_message", "known_recipes", "load_recipe", "resolve_argv",
+           "resolve_recipe"]
 
-def known_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.py") if not p.stem.startswith("_"))
-
-
-def resolve_recipe(spec: str) -> tuple[str, str | None]:
-    """'ola:model=tiny' or 'configs/recipes/ola.py:model=tiny' -> (file path, arg)."""
-    path, _, arg = spec.partition(":")
-    if not path.endswith(".py") and os.sep not in path and "/" not in path:
-        path = str(RECIPE_DIR / f"{path}.py")
-    if not os.path.isfile(path):
-        raise ValueError(f"unknown recipe {spec.partition(':')[0]!r}: no config file {path}; "
-                         f"known recipes: {', '.join(known_recipes())}")
-    return path, (arg or None)
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "recipe file[:arg] or name[:arg] (e.g. ola:model=tiny); chat / evaluate "
+    "default to the run directory's resolved config", lock_config=True)
+flags.DEFINE_string("workdir", None, "run directory (checkpoints, TensorBoard, resolved config), "
+                    "shared by hosts; local or gs://")
+flags.DEFINE_string("stage", None, "run / use only this stage")
 
 
-def load_recipe(spec: str) -> ml_collections.ConfigDict:
-    """Load a recipe config in-process (what --config does, without the flag machinery)."""
-    path, arg = resolve_recipe(spec)
-    s = importlib.util.spec_from_file_location(f"recipe_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(s)
-    s.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
+def config_or_run(config: ml_collections.ConfigDict | None, workdir: str
+                  ) -> ml_collections.ConfigDict:
+    """--config if given, else the resolved config the training run wrote into workdir."""
+    return config if config is not None else load_run_config(workdir)
 
 
 def error_message(e: Exception) -> str:

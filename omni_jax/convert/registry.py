@@ -1,4 +1,5 @@
-"""Checkpoint kinds (qwen2, siglip_vision, whisper_encoder): detection, import, export, native IO.
+"""Checkpoint kinds (qwen2, siglip_vision, clip_vision, whisper_encoder): detection, import,
+export, native IO.
 
 The native format is a directory with `omni_jax.json` ({"kind", "config", "hf_config"}) and an
 orbax `params/` checkpoint. `hf_config` keeps the original config.json so an export restores
@@ -23,6 +24,8 @@ KINDS: dict[str, tuple[str, str, str, str]] = {
               "omni_jax.llm.config:LLMConfig"),
     "siglip_vision": ("omni_jax.convert.siglip", "import_siglip_vision", "export_siglip_vision",
                       "omni_jax.encoders.vision:SiglipVisionConfig"),
+    "clip_vision": ("omni_jax.convert.clip", "import_clip_vision", "export_clip_vision",
+                    "omni_jax.encoders.vision:SiglipVisionConfig"),
     "whisper_encoder": ("omni_jax.convert.whisper", "import_whisper_encoder",
                         "export_whisper_encoder", "omni_jax.encoders.audio:WhisperEncoderConfig"),
 }
@@ -37,10 +40,13 @@ def detect_kind(hf_config: dict[str, Any]) -> str:
         return "qwen2"
     if model_type in ("siglip", "siglip_vision_model"):
         return "siglip_vision"
+    if model_type in ("clip", "clip_vision_model"):
+        return "clip_vision"
     if model_type == "whisper":
         return "whisper_encoder"
     raise ValueError(f"unsupported checkpoint: model_type={model_type!r} architectures={arch}; "
-                     f"supported: qwen2, siglip / siglip_vision_model, whisper")
+                     f"supported: qwen2, siglip / siglip_vision_model, clip / clip_vision_model, "
+                     f"whisper")
 
 
 def _fn(kind: str, which: int):

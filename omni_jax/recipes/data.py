@@ -3,7 +3,7 @@ cover only the modalities the stage's mixture holds.
 
 Budgets: a tower whose modality no source of the stage carries gets none, so its arrays are
 not shipped and its encoder is not run (OmniModel encodes only the media a batch has). A source
-declares its modalities (`modalities` in the source config; configs/common.py sets them for
+declares its modalities (`modalities` in the source config; omni_jax/configs/common.py sets them for
 the known source names) or, when it does not, they are read from its records (up to
 SCAN_RECORDS of them); with neither (no data yet, nothing declared) every tower gets a budget.
 Per modality the budget is batch * the most items one record holds (padding: one record per

@@ -2,9 +2,9 @@
 
   init.llm     a Qwen2 Hugging Face directory (config.json + safetensors, sharded index too) or
                an omni_jax native checkpoint (cli.convert import-hf)  -> params["llm"]
-  init.image   a SigLIP directory / native checkpoint                 -> params["image_encoder"]
+  init.image   a SigLIP or CLIP directory / native checkpoint         -> params["image_encoder"]
   init.video   the same, for a video tower with its own encoder       -> params["video_encoder"]
-  init.audio   a Whisper directory / native checkpoint (plain Whisper tower)
+  init.audio   a Whisper directory, OpenAI whisper .pt or native checkpoint (plain Whisper)
                                                                       -> params["audio_encoder"]
   init.speech  an OpenOmni speech-generator state dict (.bin/.pt/.safetensors, dir) or a
                native `openomni_speech` checkpoint                    -> params["speech"]
@@ -35,7 +35,7 @@ PARTS = {"llm": "llm", "image": "image_encoder", "video": "video_encoder",
 # config fields that do not change the weights' meaning (compute settings, which layer is read)
 RUNTIME_FIELDS = {"dtype", "param_dtype", "scan_layers", "remat_policy", "select_layer",
                   "use_post_layernorm", "pos_interp", "initializer_range",
-                  "max_position_embeddings", "mask_padding"}
+                  "max_position_embeddings", "mask_padding", "feature"}
 
 
 def part_config(omni: OmniConfig, part: str) -> Any:
@@ -72,6 +72,11 @@ def _read(part: str, path: str, config: Any) -> tuple[Any, dict[str, Any]]:
         else:
             loaded_cfg, params = config, import_openomni(path, config)
         return loaded_cfg, params.get("params", params)
+    if part == "audio" and os.path.isfile(path) and path.endswith(".pt"):
+        from omni_jax.convert.whisper_openai import import_whisper_pt
+
+        loaded_cfg, params = import_whisper_pt(path, expect=config)
+        return loaded_cfg, params["params"]
     if os.path.isfile(os.path.join(path, registry.NATIVE_META)):
         kind, loaded_cfg, params, _ = registry.load_native(path)
     elif os.path.isfile(os.path.join(path, "config.json")):
@@ -79,10 +84,11 @@ def _read(part: str, path: str, config: Any) -> tuple[Any, dict[str, Any]]:
     else:
         raise ValueError(f"init.{part}: {path!r} is neither a Hugging Face directory "
                          f"(config.json) nor an omni_jax checkpoint ({registry.NATIVE_META})")
-    want = {"llm": "qwen2", "image": "siglip_vision", "video": "siglip_vision",
-            "audio": "whisper_encoder"}[part]
-    if kind != want:
-        raise ValueError(f"init.{part}: {path!r} holds a {kind} checkpoint; expected {want}")
+    want = {"llm": ("qwen2",), "image": ("siglip_vision", "clip_vision"),
+            "video": ("siglip_vision", "clip_vision"), "audio": ("whisper_encoder",)}[part]
+    if kind not in want:
+        raise ValueError(f"init.{part}: {path!r} holds a {kind} checkpoint; expected "
+                         f"{' or '.join(want)}")
     params = params.get("params", params)
     if part == "llm" and getattr(loaded_cfg, "scan_layers", False) != config.scan_layers:
         from omni_jax.convert.tree import stack_layers, unstack_layers

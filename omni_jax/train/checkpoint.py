@@ -11,13 +11,14 @@ import base64
 import dataclasses
 import json
 import logging
-import os
 import signal
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from omni_jax.utils import fs
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Checkpointer:
         if every_steps <= 0 or keep <= 0:
             raise ValueError(f"Checkpointer: every_steps and keep must be positive, got "
                              f"{every_steps}, {keep}")
-        self.directory = os.path.abspath(directory)
+        self.directory = fs.abspath(directory)  # local or gs:// (orbax writes either)
         self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(max_to_keep=keep,
             enable_async_checkpointing=async_save)
@@ -131,6 +132,21 @@ class Checkpointer:
         if data_iter is not None:
             _set_iterator_state(data_iter, out["data"])
         return out["state"]
+
+    def restore_params(self, step: int | None, abstract_params: Any) -> Any:
+        """Only the parameters of `step` (None = latest), no optimizer state read, straight
+        into the shardings of abstract_params (ShapeDtypeStructs with .sharding)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"Checkpointer: no checkpoint in {self.directory}")
+        item = {"params": abstract_params}
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
+            sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), item)
+        # a manager of its own: this one's "state" item is registered for StandardRestore
+        with ocp.CheckpointManager(self.directory) as reader:
+            out = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True)))
+        return out["state"]["params"]
 
     def restore_config(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step

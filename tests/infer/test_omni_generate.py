@@ -2,8 +2,6 @@
 a slow reference (full forwards without a cache), text-only equals infer.generate on the bare
 LLM, streaming equals the compiled loop, the decode step runs no tower, bad input errors."""
 
-import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -11,15 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from omni_jax.configs.models import tiny as tiny_model  # noqa: E402
 from omni_jax.infer.generate import SamplingConfig, generate
 from omni_jax.infer.omni import _token_logits, collate_prompts, generate_omni, stream_omni
 from omni_jax.llm import Decoder
 from omni_jax.model import OmniModel, tokens_per_item
 from omni_jax.omni_config import MODALITY_CODE, OmniConfig
 from omni_jax.train.omni_model import OmniLM
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from configs.models import tiny as tiny_model  # noqa: E402
 
 NEW = 6
 

@@ -3,9 +3,7 @@ sentence audio (states from the KV-cached decode) equals the non-streamed run (o
 forward, the training framing), arrives before the text ends and interleaves with it; the
 decoded tokens are generate_omni's; the AR generator streams the same; bad input errors."""
 
-import sys
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -13,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from omni_jax.configs.models import tiny as tiny_model  # noqa: E402
 from omni_jax.infer.generate import SamplingConfig
 from omni_jax.infer.omni import collate_prompts, generate_omni
 from omni_jax.infer.speech import (
@@ -29,9 +28,6 @@ from omni_jax.speech.config import speech_preset
 from omni_jax.speech.generator import SpeechGenerator
 from omni_jax.speech.vocoder import MelTableVocoder, VocoderConfig
 from omni_jax.train.omni_model import OmniLM
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from configs.models import tiny as tiny_model  # noqa: E402
 
 IM_END, NL, STOP2 = 5, 6, 4  # toy ids of <|im_end|>, "\n", <|endoftext|>
 HEADER = [3, 7, 6]  # <|im_start|> assistant \n

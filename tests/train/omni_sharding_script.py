@@ -11,7 +11,6 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -20,7 +19,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from helpers import assert_params_close, parity_config  # noqa: E402
 
-from configs.models import tiny  # noqa: E402
+from omni_jax.configs.models import tiny  # noqa: E402
 from omni_jax.model import tokens_per_item  # noqa: E402
 from omni_jax.omni_config import OmniConfig  # noqa: E402
 from omni_jax.parallel.mesh import make_mesh  # noqa: E402

@@ -1,15 +1,10 @@
 """7B omni model: Qwen2.5-7B LLM with SigLIP-so400m and Whisper-large-v3 towers (the size all
 five systems train). `get_config(flavor)`: flavor picks one system's adapters."""
 
-import sys
-from pathlib import Path
-
 from ml_collections import ConfigDict
 
-if str(Path(__file__).resolve().parents[2]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from configs import common  # noqa: E402
-from configs.models import qwen05b  # noqa: E402  (same towers)
+from omni_jax.configs import common
+from omni_jax.configs.models import qwen05b  # same towers
 
 WIDTH = 3584
 LLM = dict(vocab_size=152064, hidden_size=WIDTH, intermediate_size=18944, num_layers=28,

@@ -5,12 +5,7 @@ visual tokenizer (ViT + head) + VTE, LLM frozen; S3: everything, lr 2e-5. Cosine
 `last_vit=no` drops the last ViT layer from S1.
 """
 
-import sys
-from pathlib import Path
-
-if str(Path(__file__).resolve().parents[2]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from configs import common  # noqa: E402
+from omni_jax.configs import common
 
 ORDER = ("s1", "s2", "s3")
 

@@ -1,15 +1,10 @@
 """Tiny omni model for tests and the demo: a 2-layer Qwen2-style LLM (width 32) with tiny
 SigLIP / Whisper towers. `get_config(flavor)`: flavor picks the adapters of one system
-(mlp | ola | capybara | openomni | ovis | xvila), see configs/common.py `towers`."""
-
-import sys
-from pathlib import Path
+(mlp | ola | capybara | openomni | ovis | xvila), see omni_jax/configs/common.py `towers`."""
 
 from ml_collections import ConfigDict
 
-if str(Path(__file__).resolve().parents[2]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from configs import common  # noqa: E402
+from omni_jax.configs import common
 
 WIDTH = 32
 LLM = dict(vocab_size=512, hidden_size=WIDTH, intermediate_size=64, num_layers=2, num_heads=4,

@@ -6,15 +6,10 @@ abstract's image/text -> speech -> video. Encoders stay frozen after alignment; 
 the projectors train. LR 1e-5 cosine, warmup 0.05, no weight decay, 1 epoch per stage
 (projector-only alignment: 1e-3, the usual LLaVA-style pretraining LR; our choice).
 
-  python -m omni_jax.cli.train --config configs/recipes/ola.py:model=tiny --workdir DIR
+  python -m omni_jax.cli.train --config omni_jax/configs/recipes/ola.py:model=tiny --workdir DIR
 """
 
-import sys
-from pathlib import Path
-
-if str(Path(__file__).resolve().parents[2]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from configs import common  # noqa: E402
+from omni_jax.configs import common
 
 ORDERS = {"code": ("image_align", "image_text", "video", "speech_align", "speech"),
           "paper": ("image_align", "image_text", "speech_align", "speech", "video")}

@@ -1,14 +1,9 @@
 """~0.5B omni model: Qwen2.5-0.5B LLM with SigLIP-so400m and Whisper-large-v3 towers.
-`get_config(flavor)`: flavor picks the adapters of one system (see configs/common.py)."""
-
-import sys
-from pathlib import Path
+`get_config(flavor)`: flavor picks the adapters of one system (see omni_jax/configs/common.py)."""
 
 from ml_collections import ConfigDict
 
-if str(Path(__file__).resolve().parents[2]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from configs import common  # noqa: E402
+from omni_jax.configs import common
 
 WIDTH = 896
 LLM = dict(vocab_size=151936, hidden_size=WIDTH, intermediate_size=4864, num_layers=24,

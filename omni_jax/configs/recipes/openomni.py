@@ -13,12 +13,7 @@ its length-normalised unit log-likelihoods). AdamW; warmup ratio 0.03 (code) or
   python -m omni_jax.cli.train --config openomni:model=tiny,speech=ctc --workdir runs/oo
 """
 
-import sys
-from pathlib import Path
-
-if str(Path(__file__).resolve().parents[2]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from configs import common  # noqa: E402
+from omni_jax.configs import common
 
 ORDER = ("speech_text", "image_pretrain", "image_instruct", "speech_gen", "speech_dpo")
 WARMUP = {"code": 0.03, "paper": 0.3}

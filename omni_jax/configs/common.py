@@ -1,5 +1,5 @@
 """Shared pieces of the model and recipe configs: arg parsing, towers per system, stage and
-trainer defaults. Recipes (configs/recipes/*.py) import this module; so does the CLI.
+trainer defaults. Recipes (omni_jax/configs/recipes/*.py) import this module; so does the CLI.
 
 A recipe is an ml_collections ConfigDict:
   recipe, model_name, model (OmniConfig.from_dict format), data_root, tokenizer, media,
@@ -9,15 +9,13 @@ A recipe is an ml_collections ConfigDict:
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 from ml_collections import ConfigDict, FieldReference
 
-CONFIG_DIR = Path(__file__).resolve().parent
 MODEL_NAMES = ("tiny", "qwen05b", "qwen7b")
 FLAVORS = ("mlp", "ola", "capybara", "openomni", "ovis", "xvila")
 # Manifest names of the data sources (the fixture set of omni_jax.data.fixtures writes exactly
@@ -60,13 +58,9 @@ def choose(name: str, value: str, allowed: Sequence[str]) -> str:
 
 
 def load_model(name: str, flavor: str = "mlp") -> ConfigDict:
-    """configs/models/<name>.py get_config(flavor): an OmniConfig.from_dict-format ConfigDict."""
+    """omni_jax/configs/models/<name>.py get_config(flavor): an OmniConfig.from_dict dict."""
     choose("model", name, MODEL_NAMES)
-    path = CONFIG_DIR / "models" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"omni_model_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(flavor)
+    return importlib.import_module(f"omni_jax.configs.models.{name}").get_config(flavor)
 
 
 def towers(flavor: str, width: int, *, siglip: Mapping[str, Any], whisper: Mapping[str, Any],

@@ -7,12 +7,7 @@ decoder alignment) comes with the decoders: the `highway` stays frozen here.
 LRs are not in the abstract: 1e-3 alignment, 2e-5 LLM tuning (our choices).
 """
 
-import sys
-from pathlib import Path
-
-if str(Path(__file__).resolve().parents[2]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from configs import common  # noqa: E402
+from omni_jax.configs import common
 
 ORDER = ("x_text_align", "interleaved", "instruct")
 PROJECTORS = ["^image_adapter/", "^video_adapter/", "^audio_adapter/"]

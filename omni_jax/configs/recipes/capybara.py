@@ -9,12 +9,7 @@ The paper gives no LRs: 1e-3 for adapter-only phases, 2e-5 for full tuning, 1e-4
 audio phase (our choices).
 """
 
-import sys
-from pathlib import Path
-
-if str(Path(__file__).resolve().parents[2]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from configs import common  # noqa: E402
+from omni_jax.configs import common
 
 ORDER = ("phase1a", "phase1b", "phase1c", "phase2", "phase3")
 VISUAL = ["^llm/", "^image_encoder/", "^image_adapter/", "^video_adapter/"]

@@ -1,0 +1,1 @@
+"""Small shared utilities (the file-system layer)."""
