@@ -23,11 +23,14 @@ FLAVORS = ("mlp", "ola", "capybara", "openomni", "ovis", "xvila")
 # config.data_root.
 SOURCES = ("image_caption", "image_qa", "video_qa", "speech_asr", "text_chat",
            "speech_response",  # answers with their spoken units (OpenOmni stage IV)
-           "speech_dpo")  # answers with chosen (emotional) / rejected (neutral) units (stage V)
+           "speech_dpo",  # answers with chosen (emotional) / rejected (neutral) units (stage V)
+           "spoken_image_qa",  # image + the question as speech (omni_digits)
+           "video_spoken_qa")  # video + the question as speech (Ola's cross-modal stage)
 # media the records of each source hold (data budgets ship only these; recipes/data.py)
 SOURCE_MODALITIES = {"image_caption": ("image",), "image_qa": ("image",),
                      "video_qa": ("video",), "speech_asr": ("audio",), "text_chat": (),
-                     "speech_response": ("image",), "speech_dpo": ("image",)}
+                     "speech_response": ("image",), "speech_dpo": ("image",),
+                     "spoken_image_qa": ("image", "audio"), "video_spoken_qa": ("video", "audio")}
 # speech generator preset per model size (omni_jax.speech.config.speech_preset)
 SPEECH_PRESETS = {"tiny": "tiny", "qwen05b": "paper", "qwen7b": "paper"}
 
