@@ -4,6 +4,8 @@
   python -m omni_jax.cli.convert export-hf SRC_NATIVE_DIR OUT_HF_DIR
   python -m omni_jax.cli.convert import-openomni SRC_FILE_OR_DIR OUT_NATIVE_DIR [--prefix P]
   python -m omni_jax.cli.convert export-openomni SRC_NATIVE_DIR OUT.safetensors|OUT.bin
+  python -m omni_jax.cli.convert import-beats BEATS_PT OUT_NATIVE_DIR [--dtype D]
+  python -m omni_jax.cli.convert import-whisper-pt LARGE_V3_PT OUT_NATIVE_DIR  (OpenAI format)
 """
 
 from __future__ import annotations
@@ -60,6 +62,39 @@ def _run_openomni(args: argparse.Namespace) -> None:
           f"{len(tensors)} tensors, {left} other keys left out) -> {args.out}")
 
 
+def _add_beats(sub: argparse._SubParsersAction) -> None:
+    imb = sub.add_parser("import-beats", help="unilm BEATs checkpoint (.pt with cfg + model, "
+                         "e.g. BEATs_iter3_plus_AS2M.pt) -> omni_jax native dir")
+    imb.add_argument("src")
+    imb.add_argument("out")
+    imb.add_argument("--dtype", default="float32", help="compute and param dtype")
+
+
+def _run_beats(args: argparse.Namespace) -> None:
+    from omni_jax.convert import beats
+
+    config, params = beats.import_beats(args.src, dtype=args.dtype, param_dtype=args.dtype)
+    save_native(args.out, beats.NATIVE_KIND, config, params)
+    print(f"imported BEATs from {args.src} ({config.encoder_layers} layers, width "
+          f"{config.encoder_embed_dim}) -> {args.out}")
+
+
+def _add_whisper_pt(sub: argparse._SubParsersAction) -> None:
+    imw = sub.add_parser("import-whisper-pt", help="OpenAI whisper .pt (dims + "
+                         "model_state_dict) -> omni_jax native dir of its encoder")
+    imw.add_argument("src")
+    imw.add_argument("out")
+
+
+def _run_whisper_pt(args: argparse.Namespace) -> None:
+    from omni_jax.convert.whisper_openai import import_whisper_pt
+
+    config, params = import_whisper_pt(args.src)
+    save_native(args.out, "whisper_encoder", config, params)
+    print(f"imported the Whisper encoder of {args.src} ({config.encoder_layers} layers, "
+          f"d_model {config.d_model}) -> {args.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m omni_jax.cli.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,10 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("src")
     exp.add_argument("out")
     _add_openomni(sub)
+    _add_beats(sub)
+    _add_whisper_pt(sub)
     args = ap.parse_args(argv)
     try:
         if args.cmd in ("import-openomni", "export-openomni"):
             _run_openomni(args)
+        elif args.cmd == "import-beats":
+            _run_beats(args)
+        elif args.cmd == "import-whisper-pt":
+            _run_whisper_pt(args)
         elif args.cmd == "import-hf":
             overrides = {"scan_layers": True} if args.scan_layers else {}
             kind, config, params, hf_config = import_hf(args.src, **overrides)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
 from typing import Any
 
 import numpy as np
 
 from omni_jax.convert import io
+from omni_jax.utils import fs
 
 # kind -> (module, import fn, export fn, config class path)
 KINDS: dict[str, tuple[str, str, str, str]] = {
@@ -83,32 +83,30 @@ def save_native(out_dir: str, kind: str, config: Any, params: dict[str, Any],
     """Write (kind, config, params) as omni_jax's native checkpoint directory."""
     import orbax.checkpoint as ocp
 
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = fs.abspath(out_dir)
+    fs.makedirs(out_dir)
     meta = {"kind": kind, "config": dataclasses.asdict(config), "hf_config": hf_config}
     params_np = _to_numpy(params)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(out_dir, "params"), params_np, force=True)
-    with open(os.path.join(out_dir, NATIVE_META), "w") as f:  # last: marks the dir complete
-        json.dump(meta, f, indent=2)
+        ckpt.save(fs.join(out_dir, "params"), params_np, force=True)
+    fs.write_text(fs.join(out_dir, NATIVE_META), json.dumps(meta, indent=2))  # last: complete
 
 
 def load_native(path: str) -> tuple[str, Any, dict[str, Any], dict[str, Any] | None]:
     """Read a native checkpoint directory -> (kind, config, params, hf_config)."""
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
-    meta_file = os.path.join(path, NATIVE_META)
-    if not os.path.isfile(meta_file):
+    path = fs.abspath(path)
+    meta_file = fs.join(path, NATIVE_META)
+    if not fs.isfile(meta_file):
         raise ValueError(f"{path!r} is not an omni_jax checkpoint: no {NATIVE_META}")
-    with open(meta_file) as f:
-        meta = json.load(f)
+    meta = json.loads(fs.read_text(meta_file))
     kind = meta.get("kind")
     if kind not in KINDS:
         raise ValueError(f"{meta_file}: unknown kind {kind!r}; expected one of {sorted(KINDS)}")
     config = _config_cls(kind).from_dict(meta["config"])
     with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(os.path.join(path, "params"))
+        params = ckpt.restore(fs.join(path, "params"))
     return kind, config, _to_numpy(params), meta.get("hf_config")
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from omni_jax.utils import fs
+
 MEDIA_KEYS = ("image", "images", "audio", "audios", "video", "videos")
 ON_CORRUPT = ("skip", "raise")
 
@@ -40,8 +42,7 @@ def read_media(ref: MediaRef) -> bytes:
     if isinstance(ref, bytes | bytearray | np.bytes_):
         return bytes(ref)
     if isinstance(ref, str):
-        with open(ref, "rb") as f:
-            return f.read()
+        return fs.read_bytes(ref)
     raise ValueError(f"read_media: expected a path string or bytes, got {type(ref).__name__}")
 
 
@@ -59,7 +60,7 @@ def _as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[st
     if not out:
         raise ValueError("JsonlSource: expected at least one JSONL path, got none")
     for p in out:
-        if not os.path.isfile(p):
+        if not fs.isfile(p):
             raise ValueError(f"JsonlSource: manifest {p!r} does not exist or is not a file")
     return out
 
@@ -80,7 +81,7 @@ class JsonlSource:
             raise ValueError(f"JsonlSource: on_corrupt must be one of {ON_CORRUPT}, "
                              f"got {on_corrupt!r}")
         self._paths = _as_paths(paths)
-        self._dirs = [os.path.dirname(os.path.abspath(p)) for p in self._paths]
+        self._dirs = [fs.dirname(fs.abspath(p)) for p in self._paths]
         self.required_fields = tuple(required_fields)
         self.media_keys = tuple(media_keys)
         self.on_corrupt = on_corrupt
@@ -91,7 +92,7 @@ class JsonlSource:
         files, offsets, lengths = [], [], []
         for fi, path in enumerate(self._paths):
             off = 0
-            with open(path, "rb") as f:
+            with fs.open(path, "rb") as f:
                 for lineno, line in enumerate(f, start=1):
                     if line.strip():
                         problem = self._check_line(line, fi)
@@ -126,7 +127,7 @@ class JsonlSource:
             for ref in leaves:
                 if not isinstance(ref, str):
                     return f"{key}: expected a path string, got {type(ref).__name__}"
-                if self.check_media and not os.path.isfile(self._resolve(ref, fi)):
+                if self.check_media and not fs.isfile(self._resolve(ref, fi)):
                     return f"{key}: missing media file {ref!r}"
         return None
 
@@ -139,7 +140,7 @@ class JsonlSource:
         log.warning("JsonlSource: skipping corrupt record at %s", what)
 
     def _resolve(self, ref: str, fi: int) -> str:
-        return ref if os.path.isabs(ref) else os.path.normpath(os.path.join(self._dirs[fi], ref))
+        return fs.resolve(self._dirs[fi], ref)
 
     # -- RandomAccessDataSource protocol ----------------------------------------------------
     def __len__(self) -> int:
@@ -151,10 +152,17 @@ class JsonlSource:
             raise IndexError(f"JsonlSource: index {index} out of range for {n} records")
         index %= n
         fi = int(self._file[index])
-        fd = self._fds.get(fi)
-        if fd is None:
-            fd = self._fds[fi] = os.open(self._paths[fi], os.O_RDONLY)
-        rec = json.loads(os.pread(fd, int(self._length[index]), int(self._offset[index])))
+        offset, length = int(self._offset[index]), int(self._length[index])
+        if fs.is_url(self._paths[fi]):  # object stores: a ranged read per record
+            with fs.open(self._paths[fi], "rb") as f:
+                f.seek(offset)
+                line = f.read(length)
+        else:
+            fd = self._fds.get(fi)
+            if fd is None:
+                fd = self._fds[fi] = os.open(self._paths[fi], os.O_RDONLY)
+            line = os.pread(fd, length, offset)
+        rec = json.loads(line)
         for key in self.media_keys:
             if key in rec:
                 fn = lambda r, fi=fi: self._resolve(r, fi)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_jax.config_base import StrictConfig
+from omni_jax.utils import fs
 
 TOKENIZER_KINDS = ("sentencepiece", "hf")
 MODALITIES = ("image", "video", "audio")  # modality ids 1, 2, 3 (0 is text)
@@ -258,9 +259,9 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, config: TokenizerConfig) -> None:
         import sentencepiece as spm
 
-        if not Path(config.path).is_file():
+        if not fs.isfile(config.path):
             raise ValueError(f"SentencePiece model file {config.path!r} does not exist")
-        self._sp = spm.SentencePieceProcessor(model_file=config.path)
+        self._sp = spm.SentencePieceProcessor(model_proto=fs.read_bytes(config.path))
         super().__init__(config)
 
     @property
@@ -292,11 +293,9 @@ class SentencePieceTokenizer(Tokenizer):
 # ---------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json backend
 # ---------------------------------------------------------------------------------------
-def _tokenizer_json_path(path: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
+def _tokenizer_json_path(path: str) -> str:
+    p = fs.join(path, "tokenizer.json") if fs.isdir(path) else path
+    if not fs.isfile(p):
         raise ValueError(f"no Hugging Face tokenizer.json at {path!r} (expected the file or a "
                          f"directory containing it)")
     return p
@@ -309,7 +308,7 @@ class HFTokenizer(Tokenizer):
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as HFBackend
 
-        self._tok = HFBackend.from_file(str(_tokenizer_json_path(config.path)))
+        self._tok = HFBackend.from_str(fs.read_text(_tokenizer_json_path(config.path)))
         if config.add_missing_tokens:
             missing = [t for t in dict.fromkeys(config.special_tokens().values())
                        if self._tok.token_to_id(t) is None]

@@ -6,7 +6,8 @@ the rest dropped — as Ola's loader). The model takes, per chunk, the precomput
 Whisper frames (1500 per 30 s) and BEATs tokens (1496 per 30 s) are brought to a common length
 (`align="max"`: zero-pad the shorter, as Ola's code; `"whisper"`: pad/truncate BEATs to Whisper's
 length) and concatenated as [whisper | beats] channels. Without a BEATs config it is the plain
-Whisper path (OpenOmni, Capybara).
+Whisper path (OpenOmni, Capybara). With `mask_padding`, BEATs gets unilm's sample padding mask
+(its forward_padding_mask reduction to tokens, see omni_jax.encoders.beats).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class OlaAudioConfig(StrictConfig):
     max_chunks: int = 25
     mel_hop_length: int = 160  # Whisper feature hop: valid samples -> valid mel frames
     align: str = "max"
-    mask_padding: bool = False  # Ola: no masks; True: padded samples excluded in both encoders
+    mask_padding: bool = False  # Ola: no masks; True: padded samples masked in both encoders
 
     def __post_init__(self) -> None:
         check_positive("OlaAudioConfig", sample_rate=self.sample_rate,

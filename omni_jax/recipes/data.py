@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 
 from omni_jax.omni_config import MODALITIES, OmniConfig
+from omni_jax.utils import fs
 
 SCAN_RECORDS = 10_000  # records read per source to find its modalities and items per record
 RECORD_KEYS = {"image": ("images", "image"), "video": ("videos", "video"),
@@ -45,7 +45,7 @@ def scan_items(paths: list[str], limit: int = SCAN_RECORDS) -> dict[str, int]:
     most = dict.fromkeys(MODALITIES, 0)
     seen = 0
     for path in paths:
-        with open(path) as f:
+        with fs.open(path) as f:
             for line in f:
                 if seen >= limit:
                     return most
@@ -65,7 +65,7 @@ def stage_items(data: Mapping[str, Any]) -> dict[str, int] | None:
     for src in data["sources"].values():
         declared = src.get("modalities")
         paths = [src["path"]] if isinstance(src["path"], str) else list(src["path"])
-        if src.get("kind", "jsonl") == "jsonl" and all(os.path.isfile(p) for p in paths):
+        if src.get("kind", "jsonl") == "jsonl" and all(fs.isfile(p) for p in paths):
             found = scan_items(paths)
             if declared is not None:
                 extra = sorted(m for m in MODALITIES if found[m] and m not in declared)
@@ -119,7 +119,7 @@ def resolve_data(config: ml_collections.ConfigDict, omni: OmniConfig,
     data["sources"] = {k: dict(v) for k, v in data["sources"].items()}
     for src in data["sources"].values():
         paths = [src["path"]] if isinstance(src["path"], str) else list(src["path"])
-        paths = [p if os.path.isabs(p) else os.path.join(config.data_root, p) for p in paths]
+        paths = [fs.resolve(config.data_root, p) if config.data_root else p for p in paths]
         src["path"] = paths[0] if len(paths) == 1 else tuple(paths)
     if not config.text_only:
         dc = DataConfig.from_dict(data)

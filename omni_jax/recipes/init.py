@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from omni_jax.convert.tree import flatten, unflatten
 from omni_jax.omni_config import OmniConfig
+from omni_jax.utils import fs
 
 log = logging.getLogger(__name__)
 PARTS = {"llm": "llm", "image": "image_encoder", "video": "video_encoder",
@@ -62,24 +62,24 @@ def _read(part: str, path: str, config: Any) -> tuple[Any, dict[str, Any]]:
     """Checkpoint -> (its config, params tree of numpy arrays)."""
     from omni_jax.convert import registry
 
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise ValueError(f"init.{part}: {path!r} does not exist")
     if part == "speech":
         from omni_jax.convert.openomni import import_openomni, load_native_openomni
 
-        if os.path.isfile(os.path.join(path, registry.NATIVE_META)):
+        if fs.isfile(fs.join(path, registry.NATIVE_META)):
             loaded_cfg, params = load_native_openomni(path)[:2]
         else:
             loaded_cfg, params = config, import_openomni(path, config)
         return loaded_cfg, params.get("params", params)
-    if part == "audio" and os.path.isfile(path) and path.endswith(".pt"):
+    if part == "audio" and fs.isfile(path) and path.endswith(".pt"):
         from omni_jax.convert.whisper_openai import import_whisper_pt
 
         loaded_cfg, params = import_whisper_pt(path, expect=config)
         return loaded_cfg, params["params"]
-    if os.path.isfile(os.path.join(path, registry.NATIVE_META)):
+    if fs.isfile(fs.join(path, registry.NATIVE_META)):
         kind, loaded_cfg, params, _ = registry.load_native(path)
-    elif os.path.isfile(os.path.join(path, "config.json")):
+    elif fs.isfile(fs.join(path, "config.json")):
         kind, loaded_cfg, params, _ = registry.import_hf(path)
     else:
         raise ValueError(f"init.{part}: {path!r} is neither a Hugging Face directory "

@@ -33,6 +33,29 @@ def abspath(p: PathLike) -> str:
     return p if is_url(p) else os.path.abspath(os.path.expanduser(p))
 
 
+def dirname(p: PathLike) -> str:
+    p = os.fspath(p)
+    return os.path.dirname(p) if not is_url(p) else p.rstrip("/").rsplit("/", 1)[0]
+
+
+def resolve(base_dir: PathLike, ref: PathLike) -> str:
+    """ref as is when absolute or a URL, else relative to base_dir (normalised)."""
+    ref = os.fspath(ref)
+    if is_url(ref) or os.path.isabs(ref):
+        return ref
+    if not is_url(base_dir):
+        return os.path.normpath(os.path.join(base_dir, ref))
+    base, parts = os.fspath(base_dir).rstrip("/"), []
+    for piece in ref.split("/"):
+        if piece == ".." and parts:
+            parts.pop()
+        elif piece == "..":
+            base = dirname(base)
+        elif piece not in ("", "."):
+            parts.append(piece)
+    return "/".join([base, *parts])
+
+
 def join(base: PathLike, *parts: PathLike) -> str:
     base = os.fspath(base)
     if not is_url(base):

@@ -165,3 +165,17 @@ def test_malformed_files(hf, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="cannot read as a torch checkpoint"):
         import_whisper_pt(str(tmp_path / "junk.pt"))
+
+
+def test_cli_import_whisper_pt_writes_a_native_checkpoint(hf, tmp_path):
+    from omni_jax.cli import convert
+    from omni_jax.convert import registry
+
+    _, pt, hf_dir = hf
+    assert convert.main(["import-whisper-pt", pt, str(tmp_path / "native")]) == 0
+    kind, config, params, _ = registry.load_native(str(tmp_path / "native"))
+    hf_config, hf_vars = import_whisper_encoder(hf_dir)
+    assert kind == "whisper_encoder" and config == hf_config
+    jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, hf_vars))
+    assert convert.main(["import-whisper-pt", str(tmp_path / "none.pt"), str(tmp_path / "x")]) \
+        == 2

@@ -1,19 +1,39 @@
-"""BEATs encoder: Kaldi fbank vs an independent numpy reference, shapes, padding masks, errors.
+"""BEATs encoder vs a PyTorch transcription of unilm's code (beats_torch_ref), fbank vs Kaldi.
 
-No torchaudio in the environment: the fbank reference below is a plain per-frame numpy
-transcription of Kaldi's compute-fbank-feats (float64), written without the module's code.
+No torchaudio in the environment: the fbank references are a float64 per-frame numpy
+transcription of Kaldi's compute-fbank-feats (below) and beats_torch_ref.kaldi_fbank (torchaudio's
+float32 computation); neither uses the module's code.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from beats_torch_ref import BEATsRef, SelfAttention, randomize
+from beats_torch_ref import kaldi_fbank as torch_kaldi_fbank
 
-from omni_jax.encoders.beats import BEATsConfig, BEATsEncoder, beats_fbank, kaldi_fbank
+from omni_jax.convert.beats import config_from_unilm, unilm_to_params
+from omni_jax.encoders.beats import (
+    BEATsConfig,
+    BEATsEncoder,
+    beats_fbank,
+    kaldi_fbank,
+    reduce_padding_mask,
+    relative_position_buckets,
+)
 
-CFG = BEATsConfig(embed_dim=24, encoder_embed_dim=32, encoder_layers=2,
-                  encoder_attention_heads=4, encoder_ffn_embed_dim=48, conv_pos=8,
-                  conv_pos_groups=4)
+TINY = dict(input_patch_size=16, embed_dim=24, encoder_embed_dim=32, encoder_layers=2,
+            encoder_attention_heads=4, encoder_ffn_embed_dim=48, conv_pos=8, conv_pos_groups=4,
+            relative_position_embedding=True, num_buckets=16, max_distance=20, gru_rel_pos=True)
+VARIANTS = {
+    "post_ln_deep_norm": dict(deep_norm=True, layer_norm_first=False),  # the released layout
+    "post_ln_ungated": dict(deep_norm=False, layer_norm_first=False, gru_rel_pos=False),
+    "pre_ln_odd_conv": dict(deep_norm=False, layer_norm_first=True, conv_pos=7),
+    "no_rel_pos": dict(deep_norm=True, relative_position_embedding=False, embed_dim=32),
+}
+N = 8757  # 53 fbank frames: 3 patch rows + 5 dropped frames; 8757 % 53 = 12 samples trimmed
+CFG = config_from_unilm(TINY)
 
 
 def numpy_kaldi_fbank(wave: np.ndarray, sr=16000, n_mels=128, low=20.0, preemph=0.97):
@@ -46,77 +66,108 @@ def numpy_kaldi_fbank(wave: np.ndarray, sr=16000, n_mels=128, low=20.0, preemph=
     return np.stack(feats)
 
 
+def waves(b=2, n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 16000
+    tone = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.1 * np.sin(2 * np.pi * 3100 * t)
+    return (tone[None] + 0.05 * rng.normal(size=(b, n))).astype(np.float32)
+
+
+def build(cfg_dict, seed=1):
+    ref = randomize(BEATsRef(cfg_dict), seed=seed)
+    config = config_from_unilm(cfg_dict)
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    return ref, config, {"params": unilm_to_params(config, sd)}
+
+
 @pytest.fixture(scope="module")
-def model():
-    enc = BEATsEncoder(CFG)
-    wave = jnp.zeros((1, 4000))
-    params = enc.init(jax.random.key(0), wave)
-    # non-trivial LayerNorm/bias params so masking bugs cannot hide behind zeros
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [
-        x + 0.05 * jax.random.normal(k, jnp.shape(x)) for x, k in zip(leaves, keys)])
-    return enc, params, jax.jit(enc.apply)
+def tiny():
+    ref, config, params = build({**TINY, "deep_norm": True})
+    return ref, config, params, jax.jit(BEATsEncoder(config).apply)
 
 
-def test_fbank_matches_numpy_kaldi():
-    rng = np.random.default_rng(0)
-    t = np.arange(6000) / 16000
-    wave = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.normal(size=t.size)) * 32768
-    ref = numpy_kaldi_fbank(wave)
+def test_fbank_matches_kaldi_references():
+    wave = waves(1, 6000)[0].astype(np.float64) * 32768
+    ref64 = numpy_kaldi_fbank(wave)
+    ref32 = torch_kaldi_fbank(torch.from_numpy(wave.astype(np.float32))).numpy()
     got = np.asarray(kaldi_fbank(jnp.asarray(wave[None], jnp.float32), CFG))[0]
-    assert got.shape == ref.shape == (CFG.num_frames(6000), 128) == (36, 128)
-    np.testing.assert_allclose(got, ref, atol=5e-4, rtol=0)  # measured 5.4e-5
+    assert got.shape == ref64.shape == ref32.shape == (CFG.num_frames(6000), 128) == (36, 128)
+    np.testing.assert_allclose(got, ref64, atol=2e-4, rtol=0)  # measured 9.2e-5
+    # torchaudio's float32 path is itself 1.1e-4 off the float64 definition (lowest bins)
+    np.testing.assert_allclose(got, ref32, atol=3e-4, rtol=0)  # measured 1.3e-4
     norm = np.asarray(beats_fbank(jnp.asarray(wave[None] / 32768, jnp.float32), CFG))[0]
-    np.testing.assert_allclose(norm, (ref - 15.41663) / (2 * 6.55582), atol=1e-3, rtol=0)
+    want = (ref64 - 15.41663) / (2 * 6.55582)
+    np.testing.assert_allclose(norm, want, atol=2e-5, rtol=0)  # measured 7e-6
 
 
-def test_shapes_and_token_count(model):
-    enc, params, apply = model
-    for n in (4000, 5000):
-        out, valid = apply(params, jnp.zeros((2, n)))
-        frames = 1 + (n - 400) // 160
-        assert out.shape == (2, frames // 16 * 8, 32) == (2, CFG.num_tokens(n), 32)
-        assert bool(valid.all())
+@pytest.mark.parametrize("num_buckets,max_distance", [(320, 800), (16, 20), (32, 128)])
+def test_relative_position_buckets_match_unilm(num_buckets, max_distance):
+    n = 1600
+    attn = SelfAttention({**TINY, "num_buckets": num_buckets, "max_distance": max_distance})
+    want = attn.buckets(n).numpy()  # [query, key]
+    table = relative_position_buckets(n, num_buckets, max_distance)
+    rel = np.arange(n)[None, :] - np.arange(n)[:, None] + n - 1
+    np.testing.assert_array_equal(table[rel], want)
+    assert table.min() == 0 and table.max() == num_buckets - 1
 
 
-def test_fbank_input_equals_waveform_input(model):
-    _, params, apply = model
-    wave = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4200)) * 0.1, jnp.float32)
-    a, _ = apply(params, wave, lengths=jnp.array([4200, 3200]))
-    b, _ = apply(params, fbank=beats_fbank(wave, CFG), lengths=jnp.array([24, 18]))
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_matches_unilm_reference(variant):
+    ref, config, params = build({**TINY, **VARIANTS[variant]})
+    assert ("relative_attention_bias" in params["params"]) == config.relative_position_embedding
+    apply = jax.jit(BEATsEncoder(config).apply)
+    wave = waves()
+    pad = np.zeros(wave.shape, bool)
+    pad[0, 2000:4000] = True  # unilm takes any mask: a hole in the middle
+    pad[1, 5000:] = True
+    with torch.no_grad():
+        want, _ = ref(torch.from_numpy(wave))
+        want_m, ref_pad = ref(torch.from_numpy(wave), torch.from_numpy(pad))
+        fb = ref.preprocess(torch.from_numpy(wave)).numpy()
+    got_fb, valid = apply(params, fbank=jnp.asarray(fb))  # the encoder alone, on unilm's fbank
+    assert got_fb.shape == (2, 24, 32) and bool(valid.all())
+    np.testing.assert_allclose(np.asarray(got_fb), want.numpy(), atol=5e-6, rtol=0)  # 1.1e-6
+    # one call: rows 0-1 with an all-False mask (= no padding), rows 2-3 padded
+    both = np.concatenate([np.zeros_like(pad), pad])
+    got, valid = apply(params, jnp.asarray(np.concatenate([wave, wave])),
+                       padding_mask=jnp.asarray(both))
+    got, valid = np.asarray(got), np.asarray(valid)
+    assert bool(valid[:2].all())
+    # waveform in: the two float32 FFTs differ (see the fbank test); measured 1.5e-5
+    np.testing.assert_allclose(got[:2], want.numpy(), atol=5e-5, rtol=0)
+    got_m, valid_m = got[2:], valid[2:]
+    np.testing.assert_array_equal(valid_m, ~ref_pad.numpy())
+    assert valid_m.sum(1).tolist() == [19, 16]  # tokens 7..11 and 16.. have all frames padded
+    np.testing.assert_allclose(got_m[valid_m], want_m.numpy()[valid_m], atol=5e-5,
+                               rtol=0)  # measured 1.4e-5
+    assert np.all(got_m[~valid_m] == 0)
+    assert np.abs(got_m[1, :16] - got[1, :16]).max() > 1e-2
 
 
-def test_padding_is_invisible_when_masked(model):
-    _, params, apply = model
-    rng = np.random.default_rng(2)
-    n_long, n_short = 8000, 4400  # 48 frames (3 time blocks) vs 26 frames (1 time block)
-    long_w = rng.normal(size=n_long) * 0.1
-    short = rng.normal(size=n_short) * 0.1
-    padded = np.concatenate([short, rng.normal(size=n_long - n_short)])  # junk padding
-    batch = jnp.asarray(np.stack([long_w, padded]), jnp.float32)
-    out, valid = apply(params, batch, lengths=jnp.array([n_long, n_short]))
-    alone, _ = apply(params, jnp.asarray(short[None], jnp.float32))
-    n_valid = CFG.num_tokens(n_short)
-    assert n_valid == 8 and alone.shape[1] == n_valid
-    assert np.asarray(valid).sum(axis=1).tolist() == [CFG.num_tokens(n_long), n_valid]
-    np.testing.assert_allclose(np.asarray(out[1, :n_valid]), np.asarray(alone[0]), atol=1e-5)
-    assert np.all(np.asarray(out[1, n_valid:]) == 0)
-    full_alone, _ = apply(params, jnp.asarray(long_w[None], jnp.float32))
-    np.testing.assert_allclose(np.asarray(out[0]), np.asarray(full_alone[0]), atol=1e-5)
-    unmasked, _ = apply(params, batch)
-    assert np.abs(np.asarray(unmasked[1, :n_valid]) - np.asarray(alone[0])).max() > 1e-2
+def test_lengths_mask_and_fbank_input_agree(tiny):
+    _, config, params, apply = tiny
+    wave = jnp.asarray(waves(seed=3))
+    lengths = jnp.array([N, 5000])
+    pad = jnp.arange(N)[None] >= lengths[:, None]
+    a, va = apply(params, wave, lengths=lengths)
+    b, vb = apply(params, wave, padding_mask=pad)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(va), np.asarray(vb))
+    assert np.asarray(va).sum(1).tolist() == [24, 16]
+    fb = beats_fbank(wave, config)  # frame-level mask for fbank input, as unilm reduces it
+    c, vc = apply(params, fbank=fb, padding_mask=reduce_padding_mask(pad, fb.shape[1]))
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-6)  # measured 0
+    np.testing.assert_array_equal(np.asarray(vc), np.asarray(va))
 
 
-def test_pre_ln_variant_runs():
-    cfg = CFG.replace(layer_norm_first=True, deep_norm=False, embed_dim=32)
-    enc = BEATsEncoder(cfg)
-    params = enc.init(jax.random.key(0), jnp.zeros((1, 4000)))
-    assert "post_extract_proj" not in params["params"]
-    out, _ = enc.apply(params, jnp.ones((1, 4000)) * 0.01)
-    assert out.shape == (1, CFG.num_tokens(4000), 32) == (1, 8, 32)
-    assert np.isfinite(np.asarray(out)).all()
+def test_shapes_and_token_count(tiny):
+    _, config, params, apply = tiny
+    n = 5000
+    out, valid = apply(params, jnp.zeros((2, n)))
+    frames = 1 + (n - 400) // 160
+    assert out.shape == (2, frames // 16 * 8, 32) == (2, config.num_tokens(n), 32) == (2, 8, 32)
+    assert bool(valid.all())
+    assert BEATsConfig().num_tokens(480000) == 1496  # Ola: 30 s -> 2998 frames -> 187 x 8
 
 
 def test_config_errors():
@@ -130,6 +181,12 @@ def test_config_errors():
         BEATsConfig.from_dict({"layers": 3})
     with pytest.raises(ValueError, match="low_freq < high_freq"):
         BEATsConfig(low_freq=9000.0)
+    with pytest.raises(ValueError, match="deep_norm needs post-LN"):
+        BEATsConfig(layer_norm_first=True, deep_norm=True)
+    with pytest.raises(ValueError, match="max_distance > num_buckets // 4"):
+        BEATsConfig(num_buckets=320, max_distance=80)
+    with pytest.raises(ValueError, match="activation_fn: unknown value 'glu'"):
+        BEATsConfig(activation_fn="glu")
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -139,9 +196,13 @@ def test_config_errors():
     ({"fbank": jnp.zeros((1, 20, 80))}, "128 mel bins"),
     ({"fbank": jnp.zeros((1, 10, 128))}, ">= 16 frames"),
     ({"waveform": jnp.zeros((1, 4000)), "lengths": jnp.array([1, 2])}, "lengths must be"),
+    ({"waveform": jnp.zeros((1, 4000)), "padding_mask": jnp.zeros((1, 30), bool)},
+     "padding_mask must be \\(1, 4000\\)"),
+    ({"waveform": jnp.zeros((1, 4000)), "padding_mask": jnp.zeros((1, 4000), bool),
+      "lengths": jnp.array([4000])}, "not both"),
     ({}, "exactly one of waveform or fbank"),
 ])
-def test_bad_input(model, kw, match):
-    enc, params, _ = model
+def test_bad_input(tiny, kw, match):
+    _, config, params, _ = tiny
     with pytest.raises(ValueError, match=match):
-        enc.apply(params, **kw)
+        BEATsEncoder(config).apply(params, **kw)
