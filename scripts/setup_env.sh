@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0+cpu}
+TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
 
 need_apt=()
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
@@ -25,8 +27,14 @@ fi
 stamp="$VENV/.omni_jax_installed"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  # torch first, pinned, so pip takes the CPU wheel rather than a multi-GB CUDA build.
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  # torch (the tests' parity reference) first and as the CPU build, not a multi-GB CUDA one:
+  # the +cpu local version from PyTorch's CPU index, named here so no pip config is assumed.
+  # TORCH_INDEX= (empty) uses only your pip configuration (a mirror that carries +cpu wheels).
+  if ! "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.__version__ != '$TORCH_VERSION')" \
+      2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} \
+      "torch==$TORCH_VERSION"
+  fi
   "$VENV/bin/python" -m pip install -q -e ".[test]"
   touch "$stamp"
 fi

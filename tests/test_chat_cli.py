@@ -107,10 +107,14 @@ def test_streamed_chat_equals_generate_omni(chat_answer):
         assert wavs == [f"sentence_{i:03d}.wav" for i in range(len(lines))]
 
 
-def test_command_line_prints_the_answer(trained, chat_answer):
+def test_command_line_prints_the_answer(trained, chat_answer, tmp_path):
+    """Only --workdir: the config (tokenizer, data, overrides) is the one the run wrote."""
     _, fx, spm, workdir, media = trained
-    res = cli("omni_jax.cli.chat", "--config", "capybara:model=tiny", "--workdir", workdir,
-              *overrides(fx, spm), "--prompt", PROMPT, "--image", media["images"][0],
+    res = cli("omni_jax.cli.chat", "--workdir", str(tmp_path), "--prompt", PROMPT)
+    assert res.returncode == 2 and "is not an omni_jax run directory: no omni_jax_run.json" \
+        in res.stderr, res.stderr[-2000:]
+    res = cli("omni_jax.cli.chat", "--workdir", workdir, "--prompt", PROMPT,
+              "--image", media["images"][0],
               "--audio", media["audios"][0], f"--max_new_tokens={NEW}", f"--seed={SEED}",
               f"--temperature={SAMPLING['temperature']}", f"--top_k={SAMPLING['top_k']}")
     assert res.returncode == 0, res.stderr[-3000:]
