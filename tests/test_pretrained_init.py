@@ -102,3 +102,44 @@ def test_bad_init_checkpoints_fail_with_one_message(setup, tmp_path):
         load_init({"speech": dirs["llm"]}, omni, tree)
     with pytest.raises(ValueError, match="shares the image encoder; set init.image"):
         load_init({"video": dirs["image"]}, omni, tree)
+
+
+def test_native_checkpoints_restore_straight_into_the_shardings(setup, tmp_path):
+    """init from native checkpoints (cli.convert import-hf): orbax reads each part into the
+    trainer's parameter shardings (jax.Arrays, no host tree), values equal to the HF import;
+    a native checkpoint of another size fails with the same one-message ValueError."""
+    from omni_jax.convert import registry
+    from omni_jax.recipes import make_plan
+    from omni_jax.recipes.plan import example_batch
+    from omni_jax.train.trainer import Trainer
+
+    root, c, omni, dirs = setup
+    native = {}
+    for part in ("llm", "image", "audio"):
+        kind, cfg, params, hf_cfg = registry.import_hf(dirs[part])
+        native[part] = str(tmp_path / part)
+        registry.save_native(native[part], kind, cfg, params, hf_cfg)
+    plan = make_plan(c, OmniLM(omni), count_data=False)[0]
+    trainer = Trainer(plan.trainer_config, plan.model)
+    trainer._setup(example_batch(plan))
+    target = trainer.abstract_state["params"]
+    parts = load_init(native, omni, target)
+    from_hf = load_init(dirs, omni, abstract(omni))
+    for key, tree in parts.items():
+        flat, want, ref = flatten(tree), flatten(target[key]), flatten(from_hf[key])
+        assert set(flat) == set(want)
+        for k, v in flat.items():
+            assert isinstance(v, jax.Array) and v.sharding == want[k].sharding, k
+            np.testing.assert_array_equal(np.asarray(v), ref[k], err_msg=f"{key}/{k}")
+    wide = omni.llm.replace(hidden_size=48, head_dim=None)
+    kind, cfg, params, _ = registry.import_hf(_save_llm(wide, tmp_path / "wide_hf"))
+    registry.save_native(str(tmp_path / "wide"), kind, cfg, params)
+    with pytest.raises(ValueError, match=r"(?s)hidden_size: checkpoint 48, config 32.*"
+                                         r"embed/embedding: checkpoint shape \(512, 48\)"):
+        load_init({"llm": str(tmp_path / "wide")}, omni, target)
+
+
+def _save_llm(config, path) -> str:
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **qwen2.config_to_hf(config))).save_pretrained(path)
+    return str(path)

@@ -110,6 +110,52 @@ def load_native(path: str) -> tuple[str, Any, dict[str, Any], dict[str, Any] | N
     return kind, config, _to_numpy(params), meta.get("hf_config")
 
 
+def native_meta(path: str) -> tuple[str, Any]:
+    """(kind, config) of a native checkpoint directory, without reading its tensors."""
+    meta_file = fs.join(fs.abspath(path), NATIVE_META)
+    if not fs.isfile(meta_file):
+        raise ValueError(f"{path!r} is not an omni_jax checkpoint: no {NATIVE_META}")
+    meta = json.loads(fs.read_text(meta_file))
+    if meta.get("kind") not in KINDS:
+        raise ValueError(f"{meta_file}: unknown kind {meta.get('kind')!r}; expected one of "
+                         f"{sorted(KINDS)}")
+    return meta["kind"], _config_cls(meta["kind"]).from_dict(meta["config"])
+
+
+def native_shapes(path: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{"a/b/kernel": (shape, dtype)} of a native checkpoint's params, from orbax metadata."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        meta = ckpt.metadata(fs.join(fs.abspath(path), "params"))
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    tree = tree.get("params", tree) if isinstance(tree, dict) else tree
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in p): (tuple(x.shape), x.dtype)
+            for p, x in flat}
+
+
+def restore_native_sharded(path: str, abstract: Any) -> Any:
+    """The params of a native checkpoint that `abstract` names (ShapeDtypeStructs with
+    .sharding), read by each process straight into its shards (no full host copy)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    params_dir = fs.join(fs.abspath(path), "params")
+    with ocp.StandardCheckpointer() as ckpt:
+        top = getattr(ckpt.metadata(params_dir), "item_metadata", None)
+    top = getattr(top, "tree", top)
+    item = {"params": abstract} if isinstance(top, dict) and set(top) == {"params"} else abstract
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
+        sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), item)
+    with ocp.PyTreeCheckpointer() as ckpt:
+        out = ckpt.restore(params_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    return out["params"] if item is not abstract else out
+
+
 def _to_numpy(tree: Any) -> Any:
     if isinstance(tree, dict):
         return {k: _to_numpy(v) for k, v in tree.items()}

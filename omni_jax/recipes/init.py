@@ -12,8 +12,10 @@ Adapters and new vectors start fresh. Each checkpoint must describe the configur
 structural hyper-parameters (widths, layers, heads, vocab, rope, eps, ...) equal the config's,
 and its tensors cover the part's parameters with the same shapes; otherwise one ValueError lists
 every mismatch before any compute. Tensors the part does not use (e.g. SigLIP's post-LayerNorm
-when the tower reads an inner layer) are dropped with a warning. The weights are read on the
-host and placed in their shardings by the trainer's init.
+when the tower reads an inner layer) are dropped with a warning. A native checkpoint (cli.convert
+import-hf: the way in for a 7B) is restored by orbax straight into the parameters' shardings,
+each process reading only its shards; HF directories and torch files are read on the host and
+placed in their shardings by the trainer's init.
 """
 
 from __future__ import annotations
@@ -112,10 +114,47 @@ def _config_diff(loaded: Any, config: Any) -> list[str]:
     return out
 
 
-def load_part(part: str, path: str, omni: OmniConfig, abstract: Mapping[str, Any]
-              ) -> dict[str, np.ndarray]:
-    """One part's params from its checkpoint, checked against the abstract params subtree."""
+def _sharded(abstract: Mapping[str, Any]) -> bool:
+    return all(getattr(a, "sharding", None) is not None for a in flatten(abstract).values())
+
+
+def _load_native_sharded(part: str, path: str, config: Any, abstract: Mapping[str, Any]
+                         ) -> Any | None:
+    """A native checkpoint read per shard into abstract's shardings; None when it needs the
+    host path (another layer layout, a kind with its own reader)."""
+    from omni_jax.convert import registry
+
+    if part == "speech" or not _sharded(abstract):
+        return None
+    kind, loaded_cfg = registry.native_meta(path)
+    if kind not in ("qwen2", "siglip_vision", "clip_vision", "whisper_encoder"):
+        return None
+    if part == "llm" and getattr(loaded_cfg, "scan_layers", False) != config.scan_layers:
+        return None  # stacked <-> per-layer: re-laid out on the host
+    problems = _config_diff(loaded_cfg, config)
+    shapes, want = registry.native_shapes(path), flatten(abstract)
+    problems += [f"missing {k} {tuple(v.shape)}" for k, v in want.items() if k not in shapes]
+    problems += [f"{k}: checkpoint shape {shapes[k][0]}, model {tuple(v.shape)}"
+                 for k, v in want.items() if k in shapes and shapes[k][0] != tuple(v.shape)]
+    if problems:
+        raise ValueError(f"init.{part} = {path!r} does not match the model's {part}:\n  "
+                         + "\n  ".join(problems))
+    unused = sorted(set(shapes) - set(want))
+    if unused:
+        log.warning("init.%s: %d checkpoint tensors unused by the model (%s%s)", part,
+                    len(unused), ", ".join(unused[:4]), ", ..." if len(unused) > 4 else "")
+    return registry.restore_native_sharded(path, unflatten(dict(want)))
+
+
+def load_part(part: str, path: str, omni: OmniConfig, abstract: Mapping[str, Any]) -> Any:
+    """One part's params from its checkpoint, checked against the abstract params subtree.
+    Native checkpoints restore per shard into abstract's shardings when it has them; other
+    formats (HF directories, torch files) are read on the host and placed by the trainer."""
     config = part_config(omni, part)
+    if fs.isfile(fs.join(path, "omni_jax.json")):
+        restored = _load_native_sharded(part, path, config, abstract)
+        if restored is not None:
+            return restored
     loaded_cfg, params = _read(part, path, config)
     problems = _config_diff(loaded_cfg, config)
     got, want = flatten(params), flatten(abstract)
