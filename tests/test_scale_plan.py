@@ -48,3 +48,27 @@ def test_dry_run_prints_the_scale_plan_of_a_7b_recipe():
     grads = float(instruct.split("grads ")[1].split(" GiB")[0])
     # all of the LLM + ViT train (7.9B fp32 params over fsdp=8: ~3.7 GiB of gradients)
     assert 3.0 < grads < 4.5
+
+
+def test_dry_run_compiles_the_step_and_reports_xla_temporaries():
+    """plan_compile: each non-speech stage's train step compiles from abstract inputs (shapes
+    of the real batch: token keys + media budget) and XLA's temporaries are printed; a larger
+    batch needs more temporary memory, so the number is the compiled program's."""
+    from omni_jax.recipes.scale import compiled_memory
+
+    c = load_recipe("capybara:model=tiny")
+    c.train.plan_compile = True
+    c.stage_order = ("phase1a", "phase1b")
+    lines = []
+    run(c, "/nonexistent-workdir", dry_run=True, echo=lines.append)
+    compiled = [line for line in lines if "compiled step per device: temporaries" in line]
+    assert len(compiled) == 2
+    plan = make_plan(c, count_data=False)[1]
+    small = compiled_memory(plan)
+    plan.trainer_config.batch_size *= 4
+    plan.data["batch_size"] *= 4
+    for spec in plan.data["media"].values():
+        spec["max_items"] *= 4
+    big = compiled_memory(plan)
+    assert 0 < small["temporaries"] < big["temporaries"]
+    assert small["arguments"] < big["arguments"]

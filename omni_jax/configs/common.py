@@ -227,6 +227,9 @@ def trainer_defaults() -> ConfigDict:
         # --dry_run's scale plan: per-device bytes on a mesh of this many devices (0: the ones
         # here), shaped by `mesh` (e.g. data=8, fsdp=8 for a v5p-64 / 8 nodes of 8 GPUs)
         "plan_devices": 0,
+        # --dry_run also compiles each stage's step (abstract inputs) and prints XLA's memory
+        # analysis (temporaries per device); needs the mesh's devices (emulated on CPU)
+        "plan_compile": False,
     })
 
 

@@ -26,7 +26,8 @@ from omni_jax.utils import fs
 STAGE_KEYS = ("trainable", "lr_groups", "losses")
 STAGE_FIELDS = {"description", "data", "optim", "warmup_ratio", "steps", "epochs",
                 "batch_size", "media_items", *STAGE_KEYS}
-TRAIN_ONLY = ("fused_head_chunk", "plan_devices")  # config.train keys the trainer does not take
+# config.train keys the trainer does not take
+TRAIN_ONLY = ("fused_head_chunk", "plan_devices", "plan_compile")
 
 
 @dataclasses.dataclass

@@ -93,6 +93,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
         devices = int(config.train.get("plan_devices") or 0) or jax.device_count()
         for p in plans:
             echo(f"  {p.name}: " + format_memory(memory_plan(p.model, p.trainer_config, devices)))
+            if config.train.get("plan_compile"):  # XLA's own numbers: compiles every stage
+                from omni_jax.recipes.scale import compiled_memory, format_compiled
+
+                try:
+                    echo(f"  {p.name}: " + format_compiled(compiled_memory(p)))
+                except ValueError as e:
+                    echo(f"  {p.name}: compiled step not planned: {e}")
         return {p.name: "planned" for p in plans}
     encoder = make_encoder(config, omni)
     first = order.index(stage) if stage is not None else 0

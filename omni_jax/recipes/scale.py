@@ -73,3 +73,57 @@ def format_memory(plan: Mapping[str, Any]) -> str:
     return (f"per device on {mesh}: params {plan['params'] / GIB:.2f} GiB, grads "
             f"{plan['grads'] / GIB:.2f} GiB, optimizer {plan['opt_state'] / GIB:.2f} GiB, "
             f"total {plan['total'] / GIB:.2f} GiB (+ activations)")
+
+
+TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "modality", "item_index", "segment_ids",
+              "positions", "media_index")
+
+
+def abstract_batch(plan: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch a stage's pipeline yields, as shapes (token keys + its media budget)."""
+    from omni_jax.data.pipeline import DataConfig
+
+    dc = DataConfig.from_dict(plan.data)
+    b, n = int(plan.trainer_config.batch_size), dc.max_len
+    out = {k: jax.ShapeDtypeStruct((b, n), np.int32) for k in TOKEN_KEYS}
+    for key, spec in plan.data.get("media", {}).items():
+        out[key] = jax.ShapeDtypeStruct((int(spec["max_items"]), *spec["shape"]), np.float32)
+    return out
+
+
+def compiled_memory(plan: Any) -> dict[str, int]:
+    """XLA's memory analysis of the stage's compiled train step on this process's devices
+    (emulate the mesh with --xla_force_host_platform_device_count): per-device bytes of
+    arguments, outputs, temporaries and generated code. ValueError for speech-target stages
+    (their batch layout comes from the data) or when the mesh needs other devices."""
+    from omni_jax.train.trainer import Trainer
+
+    if plan.data.get("speech"):
+        raise ValueError(f"stage {plan.name!r}: compiled memory is not planned for speech-out "
+                         "stages (their target arrays are sized by the data)")
+    need = math.prod(mesh_shape(dict(plan.trainer_config.mesh), jax.device_count()).values())
+    if need != jax.device_count():
+        raise ValueError(f"compiling the plan needs the mesh's {need} devices; this process "
+                         f"has {jax.device_count()} (XLA_FLAGS="
+                         f"--xla_force_host_platform_device_count={need})")
+    trainer = Trainer(plan.trainer_config, plan.model)
+    batch = abstract_batch(plan)
+    trainer._setup({k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in batch.items()})
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
+             for k, v in batch.items()}
+    fn = jax.jit(trainer._train_step,
+                 in_shardings=(trainer.state_shardings, trainer.batch_sharding),
+                 out_shardings=(trainer.state_shardings, trainer.replicated),
+                 donate_argnums=(0,))
+    with trainer._ctx():
+        compiled = fn.lower(trainer.abstract_state, batch).compile()
+    ma = compiled.memory_analysis()
+    return {"arguments": int(ma.argument_size_in_bytes), "outputs": int(ma.output_size_in_bytes),
+            "temporaries": int(ma.temp_size_in_bytes),
+            "code": int(ma.generated_code_size_in_bytes)}
+
+
+def format_compiled(mem: Mapping[str, int]) -> str:
+    return ("compiled step per device: temporaries "
+            f"{mem['temporaries'] / GIB:.3f} GiB, arguments {mem['arguments'] / GIB:.3f} GiB, "
+            f"outputs {mem['outputs'] / GIB:.3f} GiB")
