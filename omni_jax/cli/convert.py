@@ -1,7 +1,8 @@
 """Convert checkpoints between Hugging Face directories and omni_jax's native format.
 
   python -m omni_jax.cli.convert import-hf SRC_HF_DIR OUT_NATIVE_DIR [--scan-layers]
-  python -m omni_jax.cli.convert export-hf SRC_NATIVE_DIR OUT_HF_DIR
+  python -m omni_jax.cli.convert export-hf SRC_NATIVE_DIR OUT_HF_DIR [--dtype bfloat16]
+      [--max_shard_size 5GB]   (LLMs keep the source checkpoint's dtype unless --dtype)
   python -m omni_jax.cli.convert import-openomni SRC_FILE_OR_DIR OUT_NATIVE_DIR [--prefix P]
   python -m omni_jax.cli.convert export-openomni SRC_NATIVE_DIR OUT.safetensors|OUT.bin
   python -m omni_jax.cli.convert import-beats BEATS_PT OUT_NATIVE_DIR [--dtype D]
@@ -95,6 +96,21 @@ def _run_whisper_pt(args: argparse.Namespace) -> None:
           f"d_model {config.d_model}) -> {args.out}")
 
 
+def parse_size(text: str | None) -> int | None:
+    """'5GB' / '500MB' / '2GiB' / '1000' -> bytes (decimal units as save_pretrained's)."""
+    if text is None:
+        return None
+    units = {"kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "kb": 10 ** 3, "mb": 10 ** 6,
+             "gb": 10 ** 9, "b": 1}
+    t = text.strip().lower()
+    for unit, scale in units.items():
+        if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[:-len(unit)]) * scale)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"--max_shard_size {text!r}: expected a size like 5GB, 500MB or 2GiB")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m omni_jax.cli.convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     exp = sub.add_parser("export-hf", help="omni_jax native dir -> HF checkpoint dir")
     exp.add_argument("src")
     exp.add_argument("out")
+    exp.add_argument("--dtype", default=None, help="tensor dtype (default: the source's)")
+    exp.add_argument("--max_shard_size", default=None, help="e.g. 5GB, 500MB (default 5GB)")
     _add_openomni(sub)
     _add_beats(sub)
     _add_whisper_pt(sub)
@@ -125,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imported {kind} from {args.src} -> {args.out}")
         else:
             kind, config, params, hf_config = load_native(args.src)
-            export_hf(kind, config, params, args.out, hf_config)
+            export_hf(kind, config, params, args.out, hf_config, dtype=args.dtype,
+                      max_shard_bytes=parse_size(args.max_shard_size))
             print(f"exported {kind} from {args.src} -> {args.out}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

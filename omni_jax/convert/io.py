@@ -1,18 +1,85 @@
-"""Reading and writing Hugging Face checkpoint directories (config.json + safetensors)."""
+"""Reading and writing Hugging Face checkpoint directories (config.json + safetensors).
+
+The safetensors format is read and written here directly (an 8-byte header length, a JSON
+header, raw little-endian tensors) so every dtype a checkpoint holds works, bfloat16 and the
+float8s included (numpy names them through ml_dtypes); local files are memory-mapped, so a
+tensor is read when it is used. Exports keep the tensors' dtype and shard like
+save_pretrained (model-0000i-of-0000n.safetensors + model.safetensors.index.json).
+"""
 
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
-from safetensors.numpy import load, load_file, save, save_file
 
 from omni_jax.utils import fs
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 2 ** 30  # transformers' save_pretrained default (5GB)
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+          "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+          "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+TORCH_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+               "float64": "float64"}
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """One safetensors file -> {name: array} (memory-mapped when local); ValueError if corrupt."""
+    if fs.is_url(path):
+        buf = np.frombuffer(fs.read_bytes(path), np.uint8)
+    else:
+        buf = np.memmap(path, np.uint8, mode="c")  # copy-on-write: callers may edit
+    if buf.size < 8:
+        raise ValueError("file shorter than the 8-byte safetensors header length")
+    (n,) = struct.unpack("<Q", bytes(buf[:8]))
+    if n > buf.size - 8:
+        raise ValueError(f"header length {n} exceeds the file size {buf.size}")
+    try:
+        header = json.loads(bytes(buf[8:8 + n]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"bad safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    data, out = buf[8 + n:], {}
+    for name, info in header.items():
+        code, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        if code not in DTYPES:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {code}")
+        dtype = np.dtype(DTYPES[code])
+        if end - start != int(np.prod(shape)) * dtype.itemsize or end > data.size:
+            raise ValueError(f"tensor {name!r}: data offsets {start}:{end} do not fit its "
+                             f"shape {shape} x {dtype.itemsize} bytes")
+        out[name] = data[start:end].view(dtype).reshape(shape)
+    return out
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """{name: array} -> one safetensors file (any DTYPES dtype, kept as is)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    arrays, offset = [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        if a.dtype not in CODES:
+            raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors code")
+        header[name] = {"dtype": CODES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        arrays.append(a)
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # 8-byte aligned data, as the reference writer does
+    with fs.open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.view(np.uint8).reshape(-1).data if a.size else b"")
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -46,7 +113,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
         if not fs.isfile(fp):
             raise ValueError(f"{path!r}: shard {name!r} named in the index is missing")
         try:
-            tensors.update(load(fs.read_bytes(fp)) if fs.is_url(fp) else load_file(fp))
+            tensors.update(load_safetensors(fp))
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise ValueError(f"{fp}: cannot read safetensors file ({e})") from e
     return tensors
@@ -72,15 +139,47 @@ def check_tensors(got: Mapping[str, np.ndarray], expected: Mapping[str, tuple[in
 
 
 def write_checkpoint(out_dir: str, config: Mapping[str, Any],
-                     tensors: Mapping[str, np.ndarray]) -> None:
-    """Write config.json + model.safetensors (float tensors kept in their dtype)."""
+                     tensors: Mapping[str, np.ndarray], *, dtype: str | None = None,
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write config.json + safetensors, as save_pretrained does: float tensors in their own
+    dtype (or `dtype`, e.g. "bfloat16"), config.json's "dtype" saying which; shards of at
+    most max_shard_bytes with an index file when the tensors are larger."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}
+    if dtype is not None:
+        if dtype not in TORCH_NAMES:
+            raise ValueError(f"export dtype must be one of {sorted(TORCH_NAMES)}, got {dtype!r}")
+        target = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
+        arrays = {k: v.astype(target) if np.issubdtype(v.dtype, np.floating)
+                  or v.dtype == ml_dtypes.bfloat16 else v for k, v in arrays.items()}
+    floats = sorted({str(v.dtype) for v in arrays.values()
+                     if v.dtype.kind == "f" or v.dtype == ml_dtypes.bfloat16})
+    config = dict(config)
+    if floats:
+        config["dtype"] = floats[0] if len(floats) == 1 else "float32"
     fs.makedirs(out_dir)
-    fs.write_text(fs.join(out_dir, "config.json"), json.dumps(dict(config), indent=2,
-                                                               sort_keys=True))
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
-    target = fs.join(out_dir, WEIGHTS_NAME)
-    if fs.is_url(target):
-        with fs.open(target, "wb") as f:
-            f.write(save(arrays, metadata={"format": "pt"}))
-    else:
-        save_file(arrays, target, metadata={"format": "pt"})
+    fs.write_text(fs.join(out_dir, "config.json"), json.dumps(config, indent=2, sort_keys=True))
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(arrays):
+        nbytes = arrays[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arrays[name]
+        size += nbytes
+    index = fs.join(out_dir, INDEX_NAME)
+    if len(shards) == 1:
+        if fs.exists(index):
+            fs.path(index).unlink()
+        save_safetensors(shards[0], fs.join(out_dir, WEIGHTS_NAME))
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(shard, fs.join(out_dir, fname))
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(a.nbytes for a in arrays.values())
+    fs.write_text(index, json.dumps({"metadata": {"total_size": total},
+                                     "weight_map": weight_map}, indent=2, sort_keys=True))

@@ -103,11 +103,11 @@ def params_from_hf(c: LLMConfig, tensors: Mapping[str, np.ndarray]) -> dict[str,
 
 
 def params_to_hf(c: LLMConfig, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """{"params": tree} -> HF state dict (numpy float32)."""
+    """{"params": tree} -> HF state dict (numpy, each tensor in its own dtype)."""
     params = dict(variables["params"])
     if c.scan_layers:
         params = unstack_layers(params, c.num_layers)
-    f = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
+    f = {k: np.asarray(v) for k, v in flatten(params).items()}
     out = {"model.embed_tokens.weight": f["embed/embedding"], "model.norm.weight": f["norm/scale"]}
     if not c.tie_word_embeddings:
         out["lm_head.weight"] = f["lm_head/kernel"].T
@@ -133,6 +133,13 @@ def import_qwen2(path: str, **overrides: Any) -> tuple[LLMConfig, dict[str, Any]
 
 
 def export_qwen2(config: LLMConfig, variables: Mapping[str, Any], out_dir: str,
-                 base_config: Mapping[str, Any] | None = None) -> None:
-    """Write a directory transformers loads with Qwen2ForCausalLM.from_pretrained."""
-    io.write_checkpoint(out_dir, config_to_hf(config, base_config), params_to_hf(config, variables))
+                 base_config: Mapping[str, Any] | None = None, *, dtype: str | None = None,
+                 max_shard_bytes: int = io.MAX_SHARD_BYTES) -> None:
+    """Write a directory transformers loads with Qwen2ForCausalLM.from_pretrained. dtype:
+    the tensors' dtype (default: the source checkpoint's, from base_config's "dtype" /
+    "torch_dtype", else the params' own); sharded with an index above max_shard_bytes."""
+    if dtype is None and base_config:
+        dtype = base_config.get("dtype") or base_config.get("torch_dtype")
+    io.write_checkpoint(out_dir, config_to_hf(config, base_config),
+                        params_to_hf(config, variables), dtype=dtype,
+                        max_shard_bytes=max_shard_bytes)

@@ -69,11 +69,17 @@ def import_hf(path: str, **overrides: Any) -> tuple[str, Any, dict[str, Any], di
 
 
 def export_hf(kind: str, config: Any, params: dict[str, Any], out_dir: str,
-              hf_config: dict[str, Any] | None = None) -> None:
-    """Write a directory transformers loads (see each kind's export function)."""
+              hf_config: dict[str, Any] | None = None, *, dtype: str | None = None,
+              max_shard_bytes: int | None = None) -> None:
+    """Write a directory transformers loads (see each kind's export function). qwen2: in the
+    source checkpoint's dtype unless `dtype` is given, sharded above max_shard_bytes."""
     fn = _fn(kind, 2)
     if kind == "qwen2":
-        fn(config, params, out_dir, base_config=hf_config)
+        fn(config, params, out_dir, base_config=hf_config, dtype=dtype,
+           max_shard_bytes=max_shard_bytes or io.MAX_SHARD_BYTES)
+    elif dtype is not None or max_shard_bytes is not None:
+        raise ValueError(f"export of a {kind} checkpoint keeps its stored dtype in one file; "
+                         f"--dtype / --max_shard_size apply to qwen2 LLMs")
     else:
         fn(config, params, out_dir)
 

@@ -108,3 +108,34 @@ def test_sharded_checkpoint_and_unsupported_configs(tmp_path):
     with pytest.raises(ValueError, match="sliding-window"):
         import_qwen2(str(tmp_path / "hf"))
     assert convert.main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "x")]) == 2
+
+
+def test_bf16_checkpoint_exports_in_bf16_sharded_like_save_pretrained(tmp_path):
+    """A bf16 checkpoint imports (bf16 tensors read as ml_dtypes.bfloat16), exports in bf16
+    unless told otherwise, shards with an index above --max_shard_size, and transformers loads
+    identical tensors; --dtype float32 widens it."""
+    ref = _save_hf(tmp_path / "f32", seed=5).to(torch.bfloat16)
+    ref.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert convert.main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "native")]) == 0
+    assert convert.main(["export-hf", str(tmp_path / "native"), str(tmp_path / "out"),
+                         "--max_shard_size", "20KB"]) == 0
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).stat().st_size <= 20_000 + 4096 for s in shards)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    back = Qwen2ForCausalLM.from_pretrained(out)
+    a, b = ref.state_dict(), back.state_dict()
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]), k
+    total = sum(v.numel() * 2 for v in a.values())
+    assert index["metadata"]["total_size"] == total
+    assert convert.main(["export-hf", str(tmp_path / "native"), str(tmp_path / "wide"),
+                         "--dtype", "float32"]) == 0
+    wide = Qwen2ForCausalLM.from_pretrained(tmp_path / "wide")
+    for k, v in wide.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, a[k].float()), k
+    assert convert.main(["export-hf", str(tmp_path / "native"), str(tmp_path / "x"),
+                         "--max_shard_size", "lots"]) == 2
