@@ -187,9 +187,11 @@ class OmniModel(nn.Module):
         _check_audio(self.config, {"audio": mel, AUDIO_WAVE: wave})
         return self.audio_encoder(mel, wave)["features"]
 
-    def encode(self, modality: str, media: jax.Array, wave: jax.Array | None = None) -> jax.Array:
+    def encode(self, modality: str, media: jax.Array, wave: jax.Array | None = None,
+               features: dict | None = None) -> jax.Array:
         """Media items -> [n_items, tokens_per_item, D] LLM-space embeddings (`wave`: the
-        audio_wave array of a chunked audio tower with BEATs)."""
+        audio_wave array of a chunked audio tower with BEATs). `features`, if given, receives
+        the visual encoder's (patch features, grid) of this call (the highway reuses them)."""
         adapter = getattr(self, f"{modality}_adapter")
         if modality == "audio":
             t = self.config.audio
@@ -202,6 +204,8 @@ class OmniModel(nn.Module):
                                  f"{tuple(media.shape)}")
             return adapter(self.audio_encoder(media)[:, None])  # one chunk per item
         feats, grid = self.visual_features(modality, media)
+        if features is not None:
+            features[modality] = (feats, grid)
         if modality == "image":
             return adapter(feats, grid)
         n, f = media.shape[:2]
@@ -210,8 +214,9 @@ class OmniModel(nn.Module):
         out = adapter(feats, grid)  # [n*F, T, D]
         return out.reshape(n, f * out.shape[1], out.shape[-1])
 
-    def embed_inputs(self, batch: Mapping[str, Any]) -> jax.Array:
-        """Token embeddings with every placeholder replaced by its media embedding."""
+    def embed_inputs(self, batch: Mapping[str, Any], features: dict | None = None) -> jax.Array:
+        """Token embeddings with every placeholder replaced by its media embedding
+        (`features` collects the visual encoders' outputs, see encode)."""
         ids = batch["input_ids"]
         x = self.llm.embed_tokens(ids)  # [batch, seq, D]
         for m in MODALITIES:
@@ -222,7 +227,7 @@ class OmniModel(nn.Module):
             if batch.get("modality") is None:
                 raise ValueError(f"batch has {m} inputs but no 'modality' array marking where")
             wave = batch.get(AUDIO_WAVE) if m == "audio" else None
-            rows = self.encode(m, batch[m], wave).astype(x.dtype)
+            rows = self.encode(m, batch[m], wave, features).astype(x.dtype)
             rows = rows.reshape(-1, rows.shape[-1])  # [n_items * tokens, D]
             is_m = batch["modality"] == MODALITY_CODE[m]  # [batch, seq]
             if batch.get("media_index") is not None:  # rows given by the data pipeline
@@ -236,13 +241,13 @@ class OmniModel(nn.Module):
     def __call__(self, batch: Mapping[str, Any], *, cache: dict | None = None,
                  compute_logits: bool = True) -> dict[str, Any]:
         """-> {"logits", "hidden", "cache"} (+ "highway" [n, T, out_dim] when configured)."""
-        x = self.embed_inputs(batch)
+        features: dict = {}
+        x = self.embed_inputs(batch, features)
         out = self.llm(inputs_embeds=x, positions=batch.get("positions"),
                        segment_ids=batch.get("segment_ids"), cache=cache,
                        compute_logits=compute_logits)
         if self.config.highway is not None:
-            m = "image" if batch.get("image") is not None else "video"
-            if batch.get(m) is not None:
-                feats, grid = self.visual_features(m, batch[m])
-                out["highway"] = self.highway(feats, grid)
+            m = "image" if "image" in features else "video"
+            if m in features:  # the features the LLM input used: no second encoder pass
+                out["highway"] = self.highway(*features[m])
         return out

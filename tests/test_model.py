@@ -80,6 +80,14 @@ def test_highway_sits_next_to_the_llm_output(model_and_params):
     out = model.apply(params, batch)
     assert out["highway"].shape == (2, 16, 8)  # one row per patch of each image, decoder width
     assert out["logits"].shape == (*batch["input_ids"].shape, 64)
+    # the highway reads the features of the encoder pass the LLM input used: the vision
+    # tower's patch convolution appears once per modality in the whole jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda p, b: model.apply(p, b))(params, batch))
+    assert jaxpr.count("conv_general_dilated") == 2  # image + video (shared tower), no extra
+    feats = model.apply(params, "image", batch["image"],
+                        method=lambda m, mod, px: m.visual_features(mod, px))
+    ref = model.apply(params, *feats, method=lambda m, f, g: m.highway(f, g))
+    np.testing.assert_array_equal(np.asarray(out["highway"]), np.asarray(ref))
 
 
 def test_text_only_batch_equals_the_bare_llm(model_and_params):
