@@ -252,7 +252,7 @@ flags.DEFINE_multi_string("image", [], "image file (repeat for several)")
 flags.DEFINE_multi_string("audio", [], "audio file (repeat for several)")
 flags.DEFINE_multi_string("video", [], "video file or directory of frames (repeatable)")
 flags.DEFINE_string("system", None, "system prompt (default: the template's)")
-flags.DEFINE_integer("max_new_tokens", 256, "most tokens to generate")
+recipes.define_once("integer", "max_new_tokens", 256, "most tokens to generate")
 flags.DEFINE_float("temperature", 0.0, "0: greedy; else sample at this temperature")
 flags.DEFINE_integer("top_k", 0, "sampling: keep the k most likely tokens (0: all)")
 flags.DEFINE_float("top_p", 1.0, "sampling: nucleus mass")
@@ -260,8 +260,8 @@ flags.DEFINE_integer("seed", 0, "sampling rng seed")
 flags.DEFINE_bool("stream", False, "print the answer sentence by sentence as it decodes")
 flags.DEFINE_string("speak_dir", None, "speak each sentence to a wav in this directory")
 flags.DEFINE_string("voice", None, "espeak-ng voice (default: cmn for CJK text, else en)")
-flags.DEFINE_string("units_dir", None, "unit tokenizer + vocoder directory of the speech "
-                    "generator (default: config.speech_units.dir)")
+recipes.define_once("string", "units_dir", None, "unit tokenizer + vocoder directory of the "
+                    "speech generator (default: config.speech_units.dir)")
 flags.DEFINE_enum("tts", "auto", list(TTS), "speech for --speak_dir: the trained generator "
                   "(auto: when the model has one) or espeak-ng")
 FLAGS = flags.FLAGS

@@ -11,8 +11,8 @@ from ml_collections import config_flags
 from omni_jax.recipes.registry import known_recipes, load_recipe, resolve_recipe
 from omni_jax.recipes.run import load_run_config
 
-__all__ = ["config_or_run", "error_message", "known_recipes", "load_recipe", "resolve_argv",
-           "resolve_recipe"]
+__all__ = ["config_or_run", "define_once", "error_message", "known_recipes", "load_recipe",
+           "resolve_argv", "resolve_recipe"]
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "recipe file[:arg] or name[:arg] (e.g. ola:model=tiny); chat / evaluate "
@@ -20,6 +20,13 @@ CONFIG = config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "run directory (checkpoints, TensorBoard, resolved config), "
                     "shared by hosts; local or gs://")
 flags.DEFINE_string("stage", None, "run / use only this stage")
+
+
+def define_once(kind: str, name: str, default: object, help_text: str) -> None:
+    """Define a flag unless another CLI module imported in this process already did (chat and
+    evaluate share --max_new_tokens and --units_dir)."""
+    if name not in flags.FLAGS:
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_text)
 
 
 def config_or_run(config: ml_collections.ConfigDict | None, workdir: str

@@ -140,7 +140,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
             status[plan.name] = "interrupted"
             return status
         status[plan.name], params = "trained", state["params"]
+        ev = config.get("eval") or {}
+        if ev.get("after_each_stage"):
+            evaluate_after(config, workdir, plan.name, echo)
     return status
+
+
+def evaluate_after(config: ml_collections.ConfigDict, workdir: str, stage: str,
+                   echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Held-out evaluation of a finished stage (config.eval) -> report, also written to
+    <workdir>/eval/<stage>.json (process 0) and echoed as a table."""
+    from omni_jax.eval.runner import evaluate_stage, format_report
+
+    ev = config.eval
+    report = evaluate_stage(config, workdir, stage, [ev.data] if ev.get("data") else None,
+                            int(ev.get("max_records") or 0) or None,
+                            max_new_tokens=int(ev.get("max_new_tokens") or 16))
+    if jax.process_index() == 0:
+        path = fs.join(workdir, "eval", f"{stage}.json")
+        fs.makedirs(fs.dirname(path))
+        fs.write_text(path, json.dumps(report, indent=1, default=str))
+    echo(format_report(report))
+    return report
 
 
 def export_llm(config: ml_collections.ConfigDict, workdir: str, out_dir: str, *,

@@ -1,0 +1,111 @@
+"""eval.metrics on hand-made cases: normalisation, exact match, word edit distance (against a
+brute-force recursion), corpus WER, and the pitch rule on synthetic tones."""
+
+import functools
+import math
+
+import librosa
+import numpy as np
+import pytest
+
+from omni_jax.eval import metrics as M
+
+SR = 16000
+
+
+def test_normalize_answer_drops_case_punctuation_articles():
+    assert M.normalize_answer("It is a Seven.") == "it is seven"
+    assert M.normalize_answer("  The digit,   7! ") == "digit 7"
+    assert M.normalize_answer("An apple; the END") == "apple end"
+    # articles are whole words only
+    assert M.normalize_answer("Another theater anew") == "another theater anew"
+    assert M.normalize_words("Hello, World!  two-three") == ["hello", "world", "two", "three"]
+    with pytest.raises(ValueError, match="normalize_answer: expected a string, got int"):
+        M.normalize_answer(7)
+
+
+def test_exact_match_and_accuracy():
+    assert M.exact_match("Seven.", "seven")
+    assert M.exact_match("the seven", "Seven!")
+    assert not M.exact_match("It is a seven.", "seven")
+    preds = ["It is a one.", "five", "The digits are 1 2 3.", ""]
+    refs = ["it is one", "It is a five.", "The digits are 1 2 3", "zero"]
+    got = M.accuracy(preds, refs)
+    assert got == {"accuracy": 0.5, "correct": 2, "count": 4}  # 1st and 3rd match
+    assert M.accuracy([], []) == {"accuracy": 0.0, "correct": 0, "count": 0}
+    with pytest.raises(ValueError, match="1 predictions for 2 references"):
+        M.accuracy(["a"], ["a", "b"])
+
+
+def _brute_edits(a: tuple, b: tuple) -> int:
+    """Edit distance by the plain recursion (an independent implementation)."""
+    @functools.cache
+    def d(i: int, j: int) -> int:
+        if i == 0 or j == 0:
+            return i + j
+        return min(d(i - 1, j) + 1, d(i, j - 1) + 1, d(i - 1, j - 1) + (a[i - 1] != b[j - 1]))
+    return d(len(a), len(b))
+
+
+def test_word_edits_hand_cases_and_brute_force():
+    ref = "the cat sat on the mat".split()
+    assert M.word_edits(ref, "the cat sit on mat".split()) == 2  # 1 sub + 1 del
+    assert M.word_edits(ref, []) == 6 and M.word_edits([], ["x", "y"]) == 2
+    assert M.word_edits(ref, ref) == 0
+    assert M.word_edits("a b c".split(), "b c a".split()) == 2  # del a, ins a
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = tuple(rng.choice(list("abc"), size=rng.integers(0, 7)))
+        b = tuple(rng.choice(list("abc"), size=rng.integers(0, 7)))
+        assert M.word_edits(a, b) == _brute_edits(a, b), (a, b)
+
+
+def test_corpus_wer_is_total_edits_over_reference_words():
+    refs = ["a b c", "d e"]
+    hyps = ["a x c", "d e f"]
+    got = M.word_error_rate(refs, hyps)
+    assert got == {"wer": 2 / 5, "edits": 2, "ref_words": 5, "count": 2}
+    per_item_mean = (1 / 3 + 1 / 2) / 2  # not what corpus WER is
+    assert not math.isclose(got["wer"], per_item_mean)
+    assert M.word_error_rate(["Hello, World!"], ["hello world"])["wer"] == 0.0
+    assert M.word_error_rate(["a"], ["b c"])["wer"] == 2.0  # insertions count: WER can pass 1
+    assert M.word_error_rate([""], [""])["wer"] == 0.0
+    assert M.word_error_rate([""], ["x"])["wer"] == float("inf")
+    with pytest.raises(ValueError, match="2 hypotheses for 1 references"):
+        M.word_error_rate(["a"], ["a", "b"])
+
+
+def tone(hz: float, seconds: float = 1.0) -> np.ndarray:
+    return (0.5 * librosa.tone(hz, sr=SR, duration=seconds)).astype(np.float32)
+
+
+def test_mean_f0_of_tones():
+    for hz in (120.0, 220.0):
+        assert M.mean_f0(tone(hz), SR) == pytest.approx(hz, rel=0.03)
+    assert math.isnan(M.mean_f0(np.zeros(SR, np.float32), SR))  # silence: no pitch
+    assert math.isnan(M.mean_f0(np.zeros(0, np.float32), SR))
+    with pytest.raises(ValueError, match="mono waveform"):
+        M.mean_f0(np.zeros((2, SR)), SR)
+
+
+def test_pitch_rule_separates_low_and_high_tones():
+    neutral = [M.mean_f0(tone(hz), SR) for hz in (110.0, 120.0, 130.0)]
+    expressive = [M.mean_f0(tone(hz), SR) for hz in (210.0, 220.0, 230.0)]
+    rule = M.calibrate_pitch(neutral, expressive)
+    assert rule.threshold == pytest.approx((np.mean(neutral) + np.mean(expressive)) / 2)
+    assert rule.threshold == pytest.approx(170.0, rel=0.03)
+    assert (rule.neutral_count, rule.expressive_count) == (3, 3)
+    assert M.is_expressive(M.mean_f0(tone(220.0), SR), rule)
+    assert M.is_expressive(M.mean_f0(tone(190.0), SR), rule)
+    assert not M.is_expressive(M.mean_f0(tone(120.0), SR), rule)
+    assert not M.is_expressive(M.mean_f0(tone(150.0), SR), rule)
+    assert not M.is_expressive(float("nan"), rule)
+    # an unvoiced neutral reference counts as 0 Hz in its class mean
+    half = M.calibrate_pitch([120.0, float("nan")], [220.0])
+    assert half.threshold == pytest.approx((60.0 + 220.0) / 2)
+    with pytest.raises(ValueError, match="not higher-pitched"):
+        M.calibrate_pitch(expressive, neutral)
+    with pytest.raises(ValueError, match="none of the 1 expressive references is voiced"):
+        M.calibrate_pitch([120.0], [float("nan")])
+    with pytest.raises(ValueError, match="need neutral and expressive references"):
+        M.calibrate_pitch([], [220.0])
