@@ -39,6 +39,8 @@ ENCODERS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                ("image", "video")),
     "whisper": ("omni_jax.encoders.audio", "WhisperEncoderConfig", "WhisperEncoder", ("audio",)),
     "ola_audio": ("omni_jax.encoders.audio_path", "OlaAudioConfig", "OlaAudioEncoder", ("audio",)),
+    "ovis2_vision": ("omni_jax.encoders.ovis2_vision", "Ovis2ViTConfig", "Ovis2VisionEncoder",
+                     ("image",)),
 }
 CHUNKED_ENCODERS = ("ola_audio",)  # audio items of a static number of chunks (see num_chunks)
 AUDIO_ADAPTERS = ("speech",)

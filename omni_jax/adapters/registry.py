@@ -14,6 +14,7 @@ import flax.linen as nn
 from omni_jax.adapters.highway import HighwayConfig, VisualHighway
 from omni_jax.adapters.lgap import OlaProjector, OlaProjectorConfig
 from omni_jax.adapters.mlp_projector import MLPProjector, MLPProjectorConfig
+from omni_jax.adapters.ovis2_vte import Ovis2VisualTokenizer, Ovis2VTEConfig
 from omni_jax.adapters.ovis_vte import OvisVisualTokenizer, OvisVTEConfig
 
 # name -> (config class, module class, fixed settings the name implies)
@@ -22,6 +23,7 @@ ADAPTERS: dict[str, tuple[type, type[nn.Module], dict[str, Any]]] = {
     "mlp_2x2": (MLPProjectorConfig, MLPProjector, {"reduce_factor": 2}),  # Capybara
     "ola_lgap": (OlaProjectorConfig, OlaProjector, {}),  # Ola's ola_mlp with LGAP + layout
     "ovis_vte": (OvisVTEConfig, OvisVisualTokenizer, {}),  # Ovis head + VTE
+    "ovis2_vte": (Ovis2VTEConfig, Ovis2VisualTokenizer, {}),  # + START/GRID/END rows (Ovis2)
     "highway": (HighwayConfig, VisualHighway, {}),  # X-VILA visual embedding highway
 }
 

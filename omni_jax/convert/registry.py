@@ -26,6 +26,8 @@ KINDS: dict[str, tuple[str, str, str, str]] = {
                       "omni_jax.encoders.vision:SiglipVisionConfig"),
     "clip_vision": ("omni_jax.convert.clip", "import_clip_vision", "export_clip_vision",
                     "omni_jax.encoders.vision:SiglipVisionConfig"),
+    # a whole model: its config is an OmniConfig.from_dict dict, kept as such
+    "ovis2": ("omni_jax.convert.ovis2", "import_ovis2", "export_ovis2", ""),
     "whisper_encoder": ("omni_jax.convert.whisper", "import_whisper_encoder",
                         "export_whisper_encoder", "omni_jax.encoders.audio:WhisperEncoderConfig"),
 }
@@ -40,13 +42,15 @@ def detect_kind(hf_config: dict[str, Any]) -> str:
         return "qwen2"
     if model_type in ("siglip", "siglip_vision_model"):
         return "siglip_vision"
+    if model_type == "ovis2":
+        return "ovis2"
     if model_type in ("clip", "clip_vision_model"):
         return "clip_vision"
     if model_type == "whisper":
         return "whisper_encoder"
     raise ValueError(f"unsupported checkpoint: model_type={model_type!r} architectures={arch}; "
                      f"supported: qwen2, siglip / siglip_vision_model, clip / clip_vision_model, "
-                     f"whisper")
+                     f"whisper, ovis2")
 
 
 def _fn(kind: str, which: int):
@@ -56,8 +60,15 @@ def _fn(kind: str, which: int):
 
 
 def _config_cls(kind: str):
+    if not KINDS[kind][3]:  # dict configs (whole models)
+        return None
     mod, cls = KINDS[kind][3].split(":")
     return getattr(importlib.import_module(mod), cls)
+
+
+def _load_config(kind: str, d: dict[str, Any]) -> Any:
+    cls = _config_cls(kind)
+    return dict(d) if cls is None else cls.from_dict(d)
 
 
 def import_hf(path: str, **overrides: Any) -> tuple[str, Any, dict[str, Any], dict[str, Any]]:
@@ -74,7 +85,7 @@ def export_hf(kind: str, config: Any, params: dict[str, Any], out_dir: str,
     """Write a directory transformers loads (see each kind's export function). qwen2: in the
     source checkpoint's dtype unless `dtype` is given, sharded above max_shard_bytes."""
     fn = _fn(kind, 2)
-    if kind == "qwen2":
+    if kind in ("qwen2", "ovis2"):
         fn(config, params, out_dir, base_config=hf_config, dtype=dtype,
            max_shard_bytes=max_shard_bytes or io.MAX_SHARD_BYTES)
     elif dtype is not None or max_shard_bytes is not None:
@@ -91,7 +102,8 @@ def save_native(out_dir: str, kind: str, config: Any, params: dict[str, Any],
 
     out_dir = fs.abspath(out_dir)
     fs.makedirs(out_dir)
-    meta = {"kind": kind, "config": dataclasses.asdict(config), "hf_config": hf_config}
+    cfg = config if isinstance(config, dict) else dataclasses.asdict(config)
+    meta = {"kind": kind, "config": cfg, "hf_config": hf_config}
     params_np = _to_numpy(params)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(fs.join(out_dir, "params"), params_np, force=True)
@@ -110,7 +122,7 @@ def load_native(path: str) -> tuple[str, Any, dict[str, Any], dict[str, Any] | N
     kind = meta.get("kind")
     if kind not in KINDS:
         raise ValueError(f"{meta_file}: unknown kind {kind!r}; expected one of {sorted(KINDS)}")
-    config = _config_cls(kind).from_dict(meta["config"])
+    config = _load_config(kind, meta["config"])
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(fs.join(path, "params"))
     return kind, config, _to_numpy(params), meta.get("hf_config")
@@ -125,7 +137,7 @@ def native_meta(path: str) -> tuple[str, Any]:
     if meta.get("kind") not in KINDS:
         raise ValueError(f"{meta_file}: unknown kind {meta.get('kind')!r}; expected one of "
                          f"{sorted(KINDS)}")
-    return meta["kind"], _config_cls(meta["kind"]).from_dict(meta["config"])
+    return meta["kind"], _load_config(meta["kind"], meta["config"])
 
 
 def native_shapes(path: str) -> dict[str, tuple[tuple[int, ...], Any]]:
