@@ -44,6 +44,8 @@ TEST_REQUIRES = [
     "torch==2.13.0",  # the CPU wheel on this project's machines; used only as the parity reference
     "transformers>=5.23,<6",
     "scikit-learn>=1.5",
+    "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",  # notebooks run in the suite
+    "matplotlib>=3.8",  # the notebooks' figures
     "ruff>=0.6",
 ]
 

@@ -7,6 +7,8 @@
   python -m omni_jax.cli.convert export-openomni SRC_NATIVE_DIR OUT.safetensors|OUT.bin
   python -m omni_jax.cli.convert import-beats BEATS_PT OUT_NATIVE_DIR [--dtype D]
   python -m omni_jax.cli.convert import-whisper-pt LARGE_V3_PT OUT_NATIVE_DIR  (OpenAI format)
+  python -m omni_jax.cli.convert import-ola OLA_DIR --whisper large-v3.pt --beats BEATs.pt
+      OUT_NATIVE_DIR [--image-size H W] [--audio-chunks N] [--video-frames F]
 """
 
 from __future__ import annotations
@@ -96,6 +98,33 @@ def _run_whisper_pt(args: argparse.Namespace) -> None:
           f"d_model {config.d_model}) -> {args.out}")
 
 
+def _add_ola(sub: argparse._SubParsersAction) -> None:
+    imo = sub.add_parser("import-ola", help="Ola's checkpoint dir (ola_qwen) + its Whisper and "
+                         "BEATs .pt files -> omni_jax native dir of the ola OmniModel")
+    imo.add_argument("src")
+    imo.add_argument("out")
+    imo.add_argument("--whisper", required=True, help="OpenAI Whisper .pt (large-v3.pt)")
+    imo.add_argument("--beats", required=True, help="unilm BEATs .pt")
+    imo.add_argument("--image-size", type=int, nargs=2, default=(384, 384),
+                     metavar=("H", "W"), help="the image tower's static size (multiples of 32)")
+    imo.add_argument("--audio-chunks", type=int, default=1, help="30 s chunks per audio item")
+    imo.add_argument("--video-frames", type=int, default=None, help="add a video tower")
+    imo.add_argument("--video-size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    imo.add_argument("--vision-heads", type=int, default=16, help="ViT heads (Oryx-ViT: 16)")
+    imo.add_argument("--scan-layers", action="store_true")
+
+
+def _run_ola(args: argparse.Namespace) -> None:
+    from omni_jax.convert.ola import import_ola, save_ola
+
+    config, params, hf = import_ola(
+        args.src, args.whisper, args.beats, image_size=args.image_size,
+        num_chunks=args.audio_chunks, video_frames=args.video_frames,
+        video_size=args.video_size, vision_heads=args.vision_heads, scan_layers=args.scan_layers)
+    save_ola(args.out, config, params, hf)
+    print(f"imported Ola from {args.src} (+ {args.whisper}, {args.beats}) -> {args.out}")
+
+
 def parse_size(text: str | None) -> int | None:
     """'5GB' / '500MB' / '2GiB' / '1000' -> bytes (decimal units as save_pretrained's)."""
     if text is None:
@@ -128,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_openomni(sub)
     _add_beats(sub)
     _add_whisper_pt(sub)
+    _add_ola(sub)
     args = ap.parse_args(argv)
     try:
         if args.cmd in ("import-openomni", "export-openomni"):
@@ -136,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             _run_beats(args)
         elif args.cmd == "import-whisper-pt":
             _run_whisper_pt(args)
+        elif args.cmd == "import-ola":
+            _run_ola(args)
         elif args.cmd == "import-hf":
             overrides = {"scan_layers": True} if args.scan_layers else {}
             kind, config, params, hf_config = import_hf(args.src, **overrides)

@@ -84,12 +84,15 @@ def towers(flavor: str, width: int, *, siglip: Mapping[str, Any], whisper: Mappi
               "hidden_dim": sizes["speech_hidden"], "stack": 5, "special_vectors": False}
     video_adapter = "mlp"
     if flavor == "ola":
-        # Ola's SigLIP-so400m variant: patch 16, bilinear pos-grid resize; LGAP projector with
-        # begin/sep/newline/end vectors; speech: stack 10 + begin/end/newline vectors.
-        siglip.update(patch_size=16, pos_interp="bilinear")
+        # Ola's Oryx-ViT (SigLIP-so400m-shaped): patch 16, a 128 x 128 position grid resized
+        # bilinearly per image, exact GELU, no post-LN (SEEDS "Ola's released checkpoint");
+        # LGAP projector with begin/sep/newline/end vectors; speech: stack 10 + vectors.
+        siglip.update(patch_size=16, pos_interp="bilinear", hidden_act="gelu",
+                      use_post_layernorm=False, layer_norm_eps=1e-6,
+                      image_size=16 * sizes.get("ola_pos_grid", 128))
         side, video_adapter = sizes["ola_image_size"], "ola_lgap"
         image = {"adapter": "ola_lgap", "adapter_config": {"out_dim": width}}
-        speech.update(stack=10, special_vectors=True)
+        speech.update(stack=10, special_vectors=True, remainder="drop")
     elif flavor == "capybara":
         # SigLIP + 2-layer MLP with 2x2 bilinear reduction (32x32 -> 16x16 per tile); pos grid
         # interpolated to the larger input; audio: Whisper + 1-layer MLP.
@@ -256,6 +259,10 @@ def recipe(name: str, model_name: str, flavor: str, stage_order: Sequence[str],
     # where stage 1's parts start (omni_jax/recipes/init.py): HF directories or omni_jax
     # checkpoints; empty = random init (adapters and new vectors always start fresh)
     c.init = {"llm": "", "image": "", "video": "", "audio": "", "speech": ""}
+    # held-out evaluation (omni_jax.eval): data = manifests / directories ("" = the
+    # validation or test split next to data_root); after_each_stage: the train CLI evaluates
+    # every stage it trains and writes <workdir>/eval/<stage>.json
+    c.eval = {"data": "", "after_each_stage": False, "max_records": 0, "max_new_tokens": 16}
     c.train = trainer_defaults()
     # modules imported before the stages are checked: their @register_loss functions become
     # loss names a stage may use (a stage with a new loss = this + the stage's `losses`)

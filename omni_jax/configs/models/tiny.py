@@ -18,6 +18,7 @@ BEATS = dict(embed_dim=16, encoder_embed_dim=16, encoder_layers=1, encoder_atten
 SIZES = dict(image_size=32, ola_image_size=32, capybara_image_size=32,
              openomni_vit=dict(image_size=32, patch_size=8), video_frames=2,
              audio_frames=100,  # 1 s of 10 ms mel frames; Whisper halves it to 50 positions
+             ola_pos_grid=4,  # Ola's position table (128 x 128 in the release)
              audio_chunks=3,  # Ola: up to 3 s clips (espeak phrases are ~1-2 s)
              speech_hidden=32, ovis_vocab=64, highway_dim=8)
 
