@@ -80,9 +80,15 @@ class TowerConfig:
     image_size: tuple[int, int] | None = None  # (height, width) for image / video
     num_frames: int | None = None  # video frames per item, or mel frames per audio item/chunk
     num_chunks: int | None = None  # chunked audio encoders only: chunks per item (static)
+    # image towers: Capybara's any-res tiling, each image -> its best grid of up to max_tiles
+    # image_size tiles + a thumbnail, every view one item of the static shape (0: one view)
+    max_tiles: int = 0
 
     def __post_init__(self) -> None:
         where = f"{self.modality} tower"
+        if self.max_tiles and (self.modality != "image" or self.max_tiles < 1):
+            raise ValueError(f"{where}: max_tiles must be >= 1 on an image tower (0 = off), got "
+                             f"{self.max_tiles!r} on {self.modality}")
         if self.encoder not in CHUNKED_ENCODERS:
             if self.num_chunks is not None:
                 raise ValueError(f"{where}: num_chunks is only for the chunked audio encoders "
@@ -116,7 +122,7 @@ class TowerConfig:
         d = dict(d)
         check_keys(f"{modality} tower", d, ("encoder", "encoder_config", "adapter",
                                             "adapter_config", "image_size", "num_frames",
-                                            "num_chunks"))
+                                            "num_chunks", "max_tiles"))
         for key in ("encoder", "adapter"):
             if not d.get(key):
                 raise ValueError(f"{modality} tower: '{key}' is required")
@@ -140,7 +146,7 @@ class TowerConfig:
         return cls(modality, enc, d["adapter"], enc_cfg, a_cfg_cls.from_dict(a_cfg),
                    None if size is None else (int(size[0]), int(size[1])),
                    None if frames is None else int(frames),
-                   None if chunks is None else int(chunks))
+                   None if chunks is None else int(chunks), int(d.get("max_tiles") or 0))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,42 @@ def _refs(record: Mapping[str, Any], modality: str) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
+def expand_placeholders(messages: Sequence[Mapping[str, Any]], token: str,
+                        per_item: Sequence[int]) -> list[dict[str, Any]]:
+    """Each image placeholder (an {"type": "image"} part or a literal token in text), in
+    order, repeated per_item[k] times: one placeholder per view of a tiled image."""
+    k = 0
+
+    def grow(n: int) -> int:
+        nonlocal k
+        if k >= len(per_item):
+            raise ValueError(f"record has more image placeholders than its {len(per_item)} "
+                             f"image(s)")
+        k += 1
+        return per_item[k - 1] * n
+
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            pieces = content.split(token)
+            content = pieces[0] + "".join(token * grow(1) + p for p in pieces[1:])
+        else:
+            parts = []
+            for p in content:
+                if p.get("type") == "image":
+                    parts += [dict(p)] * grow(1)
+                elif p.get("type") == "text" and token in p.get("text", ""):
+                    pieces = p["text"].split(token)
+                    parts.append({**p, "text": pieces[0] + "".join(
+                        token * grow(1) + q for q in pieces[1:])})
+                else:
+                    parts.append(p)
+            content = parts
+        out.append({**m, "content": content})
+    return out
+
+
 class OmniEncoder:
     """Callable record -> example dict for the grain pipeline (an `encode_fn`)."""
 
@@ -115,6 +151,31 @@ class OmniEncoder:
             frames = vfeat.decode_video(read_media(ref), t.num_frames)
         return self._pixels(list(frames), t.image_size[0])
 
+    def views(self, rgb: np.ndarray) -> np.ndarray:
+        """Tiling image tower: one image -> its tiles (best grid of up to max_tiles) then the
+        thumbnail, [rows * cols + 1, S, S, 3] normalised pixels (Capybara's any-res input)."""
+        t = self.config.image
+        cfg = self.image_cfg.replace(image_size=t.image_size[0], max_tiles=t.max_tiles)
+        return ifeat.tile_image(rgb, cfg).views()
+
+    def messages(self, record: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """record["messages"], with a tiling image tower's placeholders repeated per view."""
+        messages = list(record["messages"])
+        refs = _refs(record, "image")
+        if not refs or self.config.image is None or not self.config.image.max_tiles:
+            return messages
+        per_image = [self.num_views(self._image(r)) for r in refs]
+        return expand_placeholders(messages, self.template.tokenizer.placeholder_token("image"),
+                                   per_image)
+
+    def num_views(self, rgb: np.ndarray) -> int:
+        """Items one image becomes on this model (1 without tiling)."""
+        t = self.config.image
+        if not t.max_tiles:
+            return 1
+        rows, cols = ifeat.select_grid(*rgb.shape[:2], t.image_size[0], t.max_tiles)
+        return rows * cols + 1
+
     def media(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Decode and preprocess every media item of a record."""
         out: dict[str, np.ndarray] = {}
@@ -135,7 +196,9 @@ class OmniEncoder:
     def _decode(self, m: str, refs: list[Any]) -> dict[str, np.ndarray]:
         """Decode and preprocess the items of one modality."""
         out: dict[str, np.ndarray] = {}
-        if m == "image":
+        if m == "image" and self.config.image.max_tiles:
+            out[m] = np.concatenate([self.views(self._image(r)) for r in refs])
+        elif m == "image":
             out[m] = self._pixels([self._image(r) for r in refs],
                                   self.config.image.image_size[0])
         elif m == "video":
@@ -156,7 +219,7 @@ class OmniEncoder:
             raise ValueError(f"record has no 'messages'; keys: {sorted(record)}")
         media = self.media(record)
         counts = {m: [self.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
-        example = self.template.encode(record["messages"], media_token_counts=counts)
+        example = self.template.encode(self.messages(record), media_token_counts=counts)
         out = {**example.to_dict(), **media}
         return out if self.speech is None else self.speech(out, record)
 

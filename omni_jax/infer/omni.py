@@ -58,6 +58,8 @@ def prompt_from_record(encoder: Any, record: Mapping[str, Any],
                          "ending with a user turn (the model answers it)")
     media = encoder.media(record) if media is None else dict(media)
     counts = {m: [encoder.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
+    if hasattr(encoder, "messages"):  # a tiling image tower: one placeholder per view
+        messages = encoder.messages({**record, "messages": messages})
     ex = encoder.template.encode(messages, media_token_counts=counts, add_generation_prompt=True)
     return {"input_ids": ex.input_ids[None], "modality": ex.modality[None], **media}
 

@@ -103,7 +103,9 @@ def media_budget(config: ml_collections.ConfigDict, omni: OmniConfig,
         elif packing or per_record is None:
             budget[m] = batch * max(1, max_len // tokens_per_item(omni, m))
         else:
-            budget[m] = batch * per_record[m]
+            # a tiling image tower: every image is up to max_tiles tiles + its thumbnail
+            views = omni.image.max_tiles + 1 if m == "image" and omni.image.max_tiles else 1
+            budget[m] = batch * per_record[m] * views
     budget = {m: n for m, n in budget.items() if n > 0}
     spec = media_spec(omni, budget, audio_config(config)) if budget else {}
     return {k: v for k, v in spec.items() if k.split("_")[0] in budget}
