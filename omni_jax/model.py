@@ -6,7 +6,9 @@ Batch (all static shapes, jit-friendly):
   image [n_img, H, W, 3] float (SigLIP-normalized), video [n_vid, frames, H, W, 3],
   audio [n_aud, n_mels, mel_frames] (Whisper log-mel), or with a chunked ("ola_audio") tower
   audio [n_aud, num_chunks, n_mels, mel_frames] plus, when it has BEATs,
-  audio_wave [n_aud, num_chunks, chunk_samples] (the 16 kHz chunk waveforms, same item order).
+  audio_wave [n_aud, num_chunks, chunk_samples] (the 16 kHz chunk waveforms, same item order);
+  with a two-view (Ola) image tower also image_lowres [n_img, h, w, 3] (the low-res view of
+  each image, same item order; image then holds the high-res views).
 Placeholders of a modality are filled in order: the k-th placeholder position of the batch
 (row-major) takes row k of that modality's [n_items * tokens_per_item, D] embeddings, so media
 arrays list items in the order they appear. Unused trailing items (padding) are ignored. A batch
@@ -35,6 +37,8 @@ from omni_jax.omni_config import (
 )
 
 AUDIO_WAVE = "audio_wave"  # batch key of the chunk waveforms of a chunked audio tower (BEATs)
+IMAGE_LOWRES = "image_lowres"  # batch key of the low-res views of a two-view (Ola) image tower
+MEDIA_KEYS = (*MODALITIES, AUDIO_WAVE, IMAGE_LOWRES)  # every media array a batch may carry
 
 
 def _adapter(config: OmniConfig, modality: str, name: str | None = None) -> nn.Module:
@@ -54,6 +58,8 @@ def tokens_per_item(config: OmniConfig, modality: str) -> int:
         return t.adapter_config.num_tokens(t.num_frames // 2, 1)  # Whisper halves mel frames
     adapter = _adapter(config, modality)
     grid = config.encoder_config(modality).grid(*t.image_size)
+    if modality == "image" and t.two_views:  # [begin] low rows [sep] high rows [end]
+        return adapter.num_tokens(*config.encoder_config(modality).grid(*t.lowres_size), grid)
     if modality == "image":
         return adapter.num_tokens(*grid)
     if hasattr(adapter, "video_num_tokens"):
@@ -69,10 +75,12 @@ def uses_audio_wave(config: OmniConfig) -> bool:
 
 def media_shapes(config: OmniConfig) -> dict[str, tuple[int, ...]]:
     """Per-item shape of every media array the batch carries for this model (batch key ->
-    shape without the leading item axis): image, video, audio (+ audio_wave)."""
+    shape without the leading item axis): image (+ image_lowres), video, audio (+ audio_wave)."""
     out: dict[str, tuple[int, ...]] = {}
     if config.image is not None:
         out["image"] = (*config.image.image_size, 3)
+        if config.image.two_views:
+            out[IMAGE_LOWRES] = (*config.image.lowres_size, 3)
     if config.video is not None:
         out["video"] = (config.video.num_frames, *config.video.image_size, 3)
     t = config.audio
@@ -106,6 +114,21 @@ def _check_audio(config: OmniConfig, batch: Mapping[str, Any]) -> None:
                              f"{want} next to audio, got {got}")
 
 
+def _check_lowres(config: OmniConfig, batch: Mapping[str, Any]) -> None:
+    image, low = batch.get("image"), batch.get(IMAGE_LOWRES)
+    two = config.image is not None and config.image.two_views
+    if low is not None and not two:
+        raise ValueError(f"batch has '{IMAGE_LOWRES}' but the model's image tower takes one "
+                         "view per image (set the tower's lowres_size for Ola's two views)")
+    if image is None or not two:
+        return
+    want = (np.shape(image)[0], *media_shapes(config)[IMAGE_LOWRES])
+    if low is None or tuple(np.shape(low)) != want:
+        got = None if low is None else tuple(np.shape(low))
+        raise ValueError(f"the two-view image tower needs '{IMAGE_LOWRES}' [n, h, w, 3] = "
+                         f"{want} next to image (one low-res view per image), got {got}")
+
+
 def check_batch(config: OmniConfig, batch: Mapping[str, Any]) -> None:
     """Host-side validation before compute: shapes, media present, placeholder counts."""
     ids = np.asarray(batch["input_ids"])
@@ -137,6 +160,7 @@ def check_batch(config: OmniConfig, batch: Mapping[str, Any]) -> None:
                 raise ValueError(f"media_index of {m} placeholders spans rows [{rows.min()}, "
                                  f"{rows.max()}] but the {n} {m} items give rows [0, {n * per})")
     _check_audio(config, batch)
+    _check_lowres(config, batch)
 
 
 class OmniModel(nn.Module):
@@ -167,19 +191,22 @@ class OmniModel(nn.Module):
         t = getattr(self.config, modality)
         return getattr(self, f"{t.shared_with or modality}_encoder")
 
-    def visual_features(self, modality: str, pixels: jax.Array) -> tuple[jax.Array, tuple]:
-        """image [n, H, W, 3] or video [n, F, H, W, 3] -> patch features [n(*F), P, C], grid."""
+    def visual_features(self, modality: str, pixels: jax.Array, *, lowres: bool = False
+                        ) -> tuple[jax.Array, tuple]:
+        """image [n, H, W, 3] or video [n, F, H, W, 3] -> patch features [n(*F), P, C], grid
+        (lowres: the low-res views image_lowres [n, h, w, 3] of a two-view image tower)."""
         t = getattr(self.config, modality)
+        size = t.lowres_size if lowres else t.image_size
         expect = (pixels.ndim == 4) if modality == "image" else (pixels.ndim == 5)
-        if not expect or tuple(pixels.shape[-3:-1]) != t.image_size:
+        if not expect or tuple(pixels.shape[-3:-1]) != size:
             want = "[n, H, W, 3]" if modality == "image" else "[n, frames, H, W, 3]"
-            raise ValueError(f"{modality} must be {want} with (H, W) = {t.image_size}, got "
+            name = IMAGE_LOWRES if lowres else modality
+            raise ValueError(f"{name} must be {want} with (H, W) = {size}, got "
                              f"{tuple(pixels.shape)}")
         if modality == "video" and pixels.shape[1] != t.num_frames:
             raise ValueError(f"video must have {t.num_frames} frames, got {pixels.shape[1]}")
         flat = pixels.reshape(-1, *pixels.shape[-3:])
-        return self._encoder(modality)(flat), self.config.encoder_config(modality).grid(
-            *t.image_size)
+        return self._encoder(modality)(flat), self.config.encoder_config(modality).grid(*size)
 
     def audio_features(self, mel: jax.Array, wave: jax.Array | None = None) -> jax.Array:
         """Chunked tower: mel [n, chunks, n_mels, frames] (+ wave [n, chunks, samples]) ->
@@ -188,10 +215,12 @@ class OmniModel(nn.Module):
         return self.audio_encoder(mel, wave)["features"]
 
     def encode(self, modality: str, media: jax.Array, wave: jax.Array | None = None,
-               features: dict | None = None) -> jax.Array:
+               features: dict | None = None, lowres: jax.Array | None = None) -> jax.Array:
         """Media items -> [n_items, tokens_per_item, D] LLM-space embeddings (`wave`: the
-        audio_wave array of a chunked audio tower with BEATs). `features`, if given, receives
-        the visual encoder's (patch features, grid) of this call (the highway reuses them)."""
+        audio_wave array of a chunked audio tower with BEATs; `lowres`: the image_lowres views
+        of a two-view image tower, `media` then the high-res views). `features`, if given,
+        receives the visual encoder's (patch features, grid) of this call (the highway reuses
+        them; two views: the high-res ones)."""
         adapter = getattr(self, f"{modality}_adapter")
         if modality == "audio":
             t = self.config.audio
@@ -203,9 +232,17 @@ class OmniModel(nn.Module):
                 raise ValueError(f"audio must be [n, n_mels, {t.num_frames}] log-mel, got "
                                  f"{tuple(media.shape)}")
             return adapter(self.audio_encoder(media)[:, None])  # one chunk per item
+        if lowres is not None and modality != "image":
+            raise ValueError(f"{IMAGE_LOWRES} views are for images, not {modality}")
+        two = modality == "image" and self.config.image.two_views
+        if two or lowres is not None:
+            _check_lowres(self.config, {"image": media, IMAGE_LOWRES: lowres})
         feats, grid = self.visual_features(modality, media)
         if features is not None:
             features[modality] = (feats, grid)
+        if two:  # one encoder call per view (their shapes differ); one adapter call for both
+            low, low_grid = self.visual_features(modality, lowres, lowres=True)
+            return adapter(low, low_grid, feats, grid)
         if modality == "image":
             return adapter(feats, grid)
         n, f = media.shape[:2]
@@ -227,7 +264,8 @@ class OmniModel(nn.Module):
             if batch.get("modality") is None:
                 raise ValueError(f"batch has {m} inputs but no 'modality' array marking where")
             wave = batch.get(AUDIO_WAVE) if m == "audio" else None
-            rows = self.encode(m, batch[m], wave, features).astype(x.dtype)
+            low = batch.get(IMAGE_LOWRES) if m == "image" else None
+            rows = self.encode(m, batch[m], wave, features, low).astype(x.dtype)
             rows = rows.reshape(-1, rows.shape[-1])  # [n_items * tokens, D]
             is_m = batch["modality"] == MODALITY_CODE[m]  # [batch, seq]
             if batch.get("media_index") is not None:  # rows given by the data pipeline

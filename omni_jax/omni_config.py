@@ -19,6 +19,11 @@ Ola's dual-encoder, multi-chunk audio tower instead of plain Whisper:
   Each audio item is then `num_chunks` chunks: audio [n, num_chunks, n_mels, mel_frames] (+
   audio_wave [n, num_chunks, chunk_samples] when BEATs is configured); num_frames (mel frames
   per chunk) is derived from the encoder config (given, it must agree).
+
+Ola's two image views: an image tower with "lowres_size": [h, w] (two-view adapters only:
+ola_lgap) takes every image as a low-res view on an h x w canvas plus a high-res view on the
+image_size canvas (both static; data.omni fits each view and pads it), batch keys
+image [n, H, W, 3] and image_lowres [n, h, w, 3] (same items, same order).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ ENCODERS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
                      ("image",)),
 }
 CHUNKED_ENCODERS = ("ola_audio",)  # audio items of a static number of chunks (see num_chunks)
+TWO_VIEW_ADAPTERS = ("ola_lgap",)  # image adapters taking (low-res, high-res) views per image
 AUDIO_ADAPTERS = ("speech",)
 
 
@@ -83,12 +89,17 @@ class TowerConfig:
     # image towers: Capybara's any-res tiling, each image -> its best grid of up to max_tiles
     # image_size tiles + a thumbnail, every view one item of the static shape (0: one view)
     max_tiles: int = 0
+    # image towers: Ola's two views, the low-res canvas (height, width); image_size is then the
+    # high-res canvas. None: one view per image at image_size
+    lowres_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         where = f"{self.modality} tower"
         if self.max_tiles and (self.modality != "image" or self.max_tiles < 1):
             raise ValueError(f"{where}: max_tiles must be >= 1 on an image tower (0 = off), got "
                              f"{self.max_tiles!r} on {self.modality}")
+        if self.lowres_size is not None:
+            self._check_lowres(where)
         if self.encoder not in CHUNKED_ENCODERS:
             if self.num_chunks is not None:
                 raise ValueError(f"{where}: num_chunks is only for the chunked audio encoders "
@@ -107,6 +118,23 @@ class TowerConfig:
                              f"carries no per-chunk lengths; short items are padded with silence "
                              f"chunks); set mask_padding=False")
 
+    def _check_lowres(self, where: str) -> None:
+        size = self.lowres_size
+        if self.modality != "image" or self.max_tiles:
+            raise ValueError(f"{where}: lowres_size (Ola's low-res view) is only for an image "
+                             f"tower without max_tiles, got it on {self.modality} with "
+                             f"max_tiles={self.max_tiles}")
+        if self.adapter not in TWO_VIEW_ADAPTERS:
+            raise ValueError(f"{where}: lowres_size needs a two-view adapter "
+                             f"{TWO_VIEW_ADAPTERS}, got {self.adapter!r}")
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"{where}: lowres_size must be (height, width) > 0, got {size!r}")
+
+    @property
+    def two_views(self) -> bool:
+        """Ola's low-res + high-res views per image (lowres_size set)."""
+        return self.lowres_size is not None
+
     @property
     def audio_dim(self) -> int:
         """Channels the audio adapter sees (Whisper width, + BEATs width for ola_audio)."""
@@ -122,7 +150,7 @@ class TowerConfig:
         d = dict(d)
         check_keys(f"{modality} tower", d, ("encoder", "encoder_config", "adapter",
                                             "adapter_config", "image_size", "num_frames",
-                                            "num_chunks", "max_tiles"))
+                                            "num_chunks", "max_tiles", "lowres_size"))
         for key in ("encoder", "adapter"):
             if not d.get(key):
                 raise ValueError(f"{modality} tower: '{key}' is required")
@@ -139,14 +167,15 @@ class TowerConfig:
         a_cfg = dict(d.get("adapter_config") or {})
         for key, value in fixed.items():
             a_cfg.setdefault(key, value)
-        size = d.get("image_size")
+        size, low = d.get("image_size"), d.get("lowres_size")
         frames, chunks = d.get("num_frames"), d.get("num_chunks")
         if enc in CHUNKED_ENCODERS and frames is None:
             frames = enc_cfg.mel_frames
         return cls(modality, enc, d["adapter"], enc_cfg, a_cfg_cls.from_dict(a_cfg),
                    None if size is None else (int(size[0]), int(size[1])),
                    None if frames is None else int(frames),
-                   None if chunks is None else int(chunks), int(d.get("max_tiles") or 0))
+                   None if chunks is None else int(chunks), int(d.get("max_tiles") or 0),
+                   None if low is None else tuple(int(x) for x in low))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,7 +70,9 @@ def towers(flavor: str, width: int, *, siglip: Mapping[str, Any], whisper: Mappi
            sizes: Mapping[str, Any], beats: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """image / video / audio (/ highway) tower dicts of one system's flavor for an LLM `width`.
 
-    sizes: image_size (SigLIP default input side), ola_image_size, capybara_image_size,
+    sizes: image_size (SigLIP default input side), ola_image_size (Ola's high-res canvas),
+    ola_lowres_size (Ola's low-res canvas; absent: one view per image), ola_video_size
+    (default: the low-res side, else ola_image_size), capybara_image_size,
     openomni_vit (a dict overriding siglip for the CLIP-L-sized tower), video_frames,
     audio_frames (mel frames per 30 s-style chunk), audio_chunks (Ola: chunks per item),
     speech_hidden, ovis_vocab, highway_dim. beats: the BEATs config of Ola's dual audio tower.
@@ -82,7 +84,7 @@ def towers(flavor: str, width: int, *, siglip: Mapping[str, Any], whisper: Mappi
     # speech projector (stack k frames -> Linear-ReLU-Linear); OpenOmni / default: k=5
     speech = {"in_dim": whisper["d_model"], "out_dim": width,
               "hidden_dim": sizes["speech_hidden"], "stack": 5, "special_vectors": False}
-    video_adapter = "mlp"
+    video_adapter, video_side = "mlp", None  # video_side None: the image tower's side
     if flavor == "ola":
         # Ola's Oryx-ViT (SigLIP-so400m-shaped): patch 16, a 128 x 128 position grid resized
         # bilinearly per image, exact GELU, no post-LN (SEEDS "Ola's released checkpoint");
@@ -90,8 +92,14 @@ def towers(flavor: str, width: int, *, siglip: Mapping[str, Any], whisper: Mappi
         siglip.update(patch_size=16, pos_interp="bilinear", hidden_act="gelu",
                       use_post_layernorm=False, layer_norm_eps=1e-6,
                       image_size=16 * sizes.get("ola_pos_grid", 128))
+        # Two views per image (SEEDS): low-res on an ola_lowres_size canvas, high-res on the
+        # ola_image_size canvas (both static: each view fitted and gray-padded, data.omni)
         side, video_adapter = sizes["ola_image_size"], "ola_lgap"
         image = {"adapter": "ola_lgap", "adapter_config": {"out_dim": width}}
+        low = sizes.get("ola_lowres_size")
+        if low:
+            image["lowres_size"] = [low, low]
+        video_side = sizes.get("ola_video_size", low or side)
         speech.update(stack=10, special_vectors=True, remainder="drop")
     elif flavor == "capybara":
         # SigLIP + 2-layer MLP with 2x2 bilinear reduction (32x32 -> 16x16 per tile); pos grid
@@ -116,8 +124,9 @@ def towers(flavor: str, width: int, *, siglip: Mapping[str, Any], whisper: Mappi
     if flavor != "openomni":  # OpenOmni has no video tower
         adapter_config = dict(image["adapter_config"]) if video_adapter == image["adapter"] else {
             "out_dim": width}
+        vs = video_side or side
         out["video"] = {"encoder": "shared:image", "adapter": video_adapter,
-                        "adapter_config": adapter_config, "image_size": [side, side],
+                        "adapter_config": adapter_config, "image_size": [vs, vs],
                         "num_frames": sizes["video_frames"]}
     if flavor == "ola":  # Whisper ++ BEATs on channels, chunked audio (newline per chunk)
         speech["in_dim"] = whisper["d_model"] + beats["encoder_embed_dim"]
@@ -257,8 +266,8 @@ def recipe(name: str, model_name: str, flavor: str, stage_order: Sequence[str],
     c.audio_features = {"n_mels": mel.get("num_mel_bins", 80),
                         "chunk_seconds": (audio.num_frames if audio else 3000) // 100}
     # where stage 1's parts start (omni_jax/recipes/init.py): HF directories or omni_jax
-    # checkpoints; empty = random init (adapters and new vectors always start fresh)
-    c.init = {"llm": "", "image": "", "video": "", "audio": "", "speech": ""}
+    # checkpoints (model: a seed's whole released model, native); empty = random init
+    c.init = {"llm": "", "image": "", "video": "", "audio": "", "speech": "", "model": ""}
     # held-out evaluation (omni_jax.eval): data = manifests / directories ("" = the
     # validation or test split next to data_root); after_each_stage: the train CLI evaluates
     # every stage it trains and writes <workdir>/eval/<stage>.json

@@ -7,6 +7,11 @@ arrays (input_ids, loss_mask, modality, item_index) plus one float array per pre
 image [n, H, W, 3], video [n, frames, H, W, 3], audio [n, n_mels, mel_frames], each at the
 static shape the model's tower expects, so placeholders expand to `tokens_per_item`.
 
+Two-view (Ola) image tower (lowres_size set): each image gives its high-res view on the
+image_size canvas (`image`) and its low-res view on the lowres_size canvas (`image_lowres`),
+both sized by Ola's rules and padded centred with gray (features.image.ola_canvas_views); one
+placeholder per image, expanded to the two-view token count.
+
 Chunked ("ola_audio") audio tower: each clip is cut into chunk_seconds pieces (last one
 zero-padded; more than the encoder's max_chunks: the rest dropped, as Ola's loader), each chunk
 gets its own Whisper log-mel (per-chunk normalization, as Ola), giving audio
@@ -31,7 +36,13 @@ from omni_jax.data.features.config import AudioConfig, ImageConfig
 from omni_jax.data.sources import CorruptMediaError, read_media
 from omni_jax.data.template import ChatTemplate
 from omni_jax.encoders.audio_path import chunk_waveform
-from omni_jax.model import AUDIO_WAVE, media_shapes, tokens_per_item, uses_audio_wave
+from omni_jax.model import (
+    AUDIO_WAVE,
+    IMAGE_LOWRES,
+    media_shapes,
+    tokens_per_item,
+    uses_audio_wave,
+)
 from omni_jax.omni_config import CHUNKED_ENCODERS, MODALITIES, OmniConfig
 
 RECORD_KEYS = {"image": "images", "video": "videos", "audio": "audios"}
@@ -93,7 +104,7 @@ class OmniEncoder:
         self.image_cfg = image or ImageConfig()
         for m in ("image", "video"):
             t = getattr(config, m)
-            if t is not None and t.image_size[0] != t.image_size[1]:
+            if t is not None and not t.two_views and t.image_size[0] != t.image_size[1]:
                 raise ValueError(f"OmniEncoder: {m} tower image_size {t.image_size} must be "
                                  "square (SigLIP preprocessing resizes to S x S)")
         self.audio_cfg = audio
@@ -158,6 +169,12 @@ class OmniEncoder:
         cfg = self.image_cfg.replace(image_size=t.image_size[0], max_tiles=t.max_tiles)
         return ifeat.tile_image(rgb, cfg).views()
 
+    def ola_views(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Two-view image tower: one image -> (low-res [h, w, 3], high-res [H, W, 3]) normalised
+        pixels on the tower's static canvases (module docstring)."""
+        t = self.config.image
+        return ifeat.ola_canvas_views(rgb, self.image_cfg, t.lowres_size, t.image_size)
+
     def messages(self, record: Mapping[str, Any]) -> list[dict[str, Any]]:
         """record["messages"], with a tiling image tower's placeholders repeated per view."""
         messages = list(record["messages"])
@@ -198,6 +215,9 @@ class OmniEncoder:
         out: dict[str, np.ndarray] = {}
         if m == "image" and self.config.image.max_tiles:
             out[m] = np.concatenate([self.views(self._image(r)) for r in refs])
+        elif m == "image" and self.config.image.two_views:
+            low, high = zip(*(self.ola_views(self._image(r)) for r in refs))
+            out[m], out[IMAGE_LOWRES] = np.stack(high), np.stack(low)
         elif m == "image":
             out[m] = self._pixels([self._image(r) for r in refs],
                                   self.config.image.image_size[0])
@@ -228,8 +248,8 @@ def media_spec(config: OmniConfig, max_items: Mapping[str, int],
                audio: AudioConfig | None = None) -> dict[str, dict[str, Any]]:
     """DataConfig.media for this model: {key: {"max_items", "shape"}} per batch media key
     (model.media_shapes); max_items gives the per-batch item budget of each modality (missing
-    ones default to 1; audio_wave shares the audio budget). `audio` sets n_mels of a plain
-    Whisper tower (a chunked tower takes its own encoder's)."""
+    ones default to 1; audio_wave shares the audio budget, image_lowres the image one).
+    `audio` sets n_mels of a plain Whisper tower (a chunked tower takes its own encoder's)."""
     shapes = media_shapes(config)
     if config.audio is not None and config.audio.encoder not in CHUNKED_ENCODERS:
         shapes["audio"] = ((audio or AudioConfig()).n_mels, config.audio.num_frames)
@@ -239,5 +259,6 @@ def media_spec(config: OmniConfig, max_items: Mapping[str, int],
                          f"for; towers: {sorted(set(MODALITIES).intersection(shapes))}")
     budget = dict(max_items)
     budget.setdefault(AUDIO_WAVE, budget.get("audio", 1))
+    budget.setdefault(IMAGE_LOWRES, budget.get("image", 1))
     return {m: {"max_items": int(budget.get(m, 1)), "shape": list(s)}
             for m, s in shapes.items()}

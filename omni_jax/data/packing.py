@@ -14,9 +14,10 @@ keys named there (e.g. {"item_index": -1}) and 0 elsewhere.
 
 Media: an example may also carry per-item float arrays under MEDIA_KEYS (image [n, H, W, 3],
 video [n, F, H, W, 3], audio [n, mels, frames] or chunked [n, chunks, mels, frames], audio_wave
-[n, chunks, samples] for a BEATs audio tower); they pass through shifting untouched, and a
-batch stacks them in layout order (row-major, left to right: the order in which the model
-fills placeholders), zero-padded to a static `media` spec {key: (max_items, item_shape)}.
+[n, chunks, samples] for a BEATs audio tower, image_lowres [n, h, w, 3] for Ola's two image
+views); they pass through shifting untouched, and a batch stacks them in layout order
+(row-major, left to right: the order in which the model fills placeholders), zero-padded to a
+static `media` spec {key: (max_items, item_shape)}.
 With a media spec and per-token "modality"/"item_index" arrays, the batch also gets
 "media_index" [batch, seq]: for each placeholder token, its row in that modality's flattened
 [items * tokens_per_item] embeddings, offset by process_index * max_items items (on multi-host
@@ -33,7 +34,7 @@ import numpy as np
 from omni_jax.data.speech import SPEECH_KEYS, collate_speech
 
 REQUIRED_KEYS = ("input_ids", "loss_mask")
-MEDIA_KEYS = ("image", "video", "audio", "audio_wave")
+MEDIA_KEYS = ("image", "video", "audio", "audio_wave", "image_lowres")
 MEDIA_CODES = {"image": 1, "video": 2, "audio": 3}  # data.template's per-token modality ids
 MediaSpec = Mapping[str, tuple[int, tuple[int, ...]]]  # key -> (max_items, item shape)
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")

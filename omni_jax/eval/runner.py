@@ -251,7 +251,7 @@ class Evaluator:
                     batch[key][r, :n] = e[key]
                 batch["segment_ids"][r, :n] = 1
             batch["positions"] = np.broadcast_to(np.arange(w, dtype=np.int32), (b, w)).copy()
-            for m in (*MODALITIES, "audio_wave"):
+            for m in (*MODALITIES, "audio_wave", "image_lowres"):
                 if any(m in e for e in rows):
                     batch[m] = np.concatenate([e[m] for e in rows if m in e])
             spec = {"text_len": _pow2(max(len(e["speech_text_ids"]) for e in rows)),

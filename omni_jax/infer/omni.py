@@ -23,11 +23,10 @@ import numpy as np
 from omni_jax.infer.generate import SamplingConfig, sample_logits
 from omni_jax.layers.attention import init_cache
 from omni_jax.layers.common import parse_dtype
-from omni_jax.model import AUDIO_WAVE, OmniModel, check_batch
+from omni_jax.model import MEDIA_KEYS, OmniModel, check_batch
 from omni_jax.omni_config import MODALITIES
 
-PROMPT_KEYS = ("input_ids", "modality", "media_index", "segment_ids", "positions", *MODALITIES,
-               AUDIO_WAVE)
+PROMPT_KEYS = ("input_ids", "modality", "media_index", "segment_ids", "positions", *MEDIA_KEYS)
 _RECORD_MEDIA = {"image": "images", "video": "videos", "audio": "audios"}
 GREEDY = SamplingConfig()  # the default: argmax decoding
 EosIds = tuple[int, ...] | None  # the compiled pieces' static EOS ids
@@ -92,7 +91,7 @@ def collate_prompts(prompts: Sequence[Mapping[str, np.ndarray]], pad_id: int
         out["modality"].append(np.pad(p["modality"], pad))
         out["segment_ids"].append(np.pad(np.ones((1, n), np.int32), pad))
     batch = {k: np.concatenate(v).astype(np.int32) for k, v in out.items()}
-    for key in (*MODALITIES, AUDIO_WAVE):
+    for key in MEDIA_KEYS:
         items = [p[key] for p in prompts if p.get(key) is not None]
         if items:
             batch[key] = np.concatenate(items)

@@ -108,6 +108,7 @@ def media_budget(config: ml_collections.ConfigDict, omni: OmniConfig,
             budget[m] = batch * per_record[m] * views
     budget = {m: n for m, n in budget.items() if n > 0}
     spec = media_spec(omni, budget, audio_config(config)) if budget else {}
+    # secondary keys (audio_wave, image_lowres) share their modality's budget
     return {k: v for k, v in spec.items() if k.split("_")[0] in budget}
 
 

@@ -8,14 +8,21 @@
                                                                       -> params["audio_encoder"]
   init.speech  an OpenOmni speech-generator state dict (.bin/.pt/.safetensors, dir) or a
                native `openomni_speech` checkpoint                    -> params["speech"]
-Adapters and new vectors start fresh. Each checkpoint must describe the configured part: its
-structural hyper-parameters (widths, layers, heads, vocab, rope, eps, ...) equal the config's,
-and its tensors cover the part's parameters with the same shapes; otherwise one ValueError lists
-every mismatch before any compute. Tensors the part does not use (e.g. SigLIP's post-LayerNorm
-when the tower reads an inner layer) are dropped with a warning. A native checkpoint (cli.convert
-import-hf: the way in for a 7B) is restored by orbax straight into the parameters' shardings,
-each process reading only its shards; HF directories and torch files are read on the host and
-placed in their shardings by the trainer's init.
+  init.model   a seed's released whole model as an omni_jax native checkpoint: kind "ola"
+               (convert.ola.save_ola) or "ovis2" (cli.convert import-hf) -> every top-level
+               part it holds that the model has (llm, encoders, adapters); the model's other
+               parts start fresh, parts the model lacks are dropped with a warning. Combined
+               with per-part entries, the per-part entries win (init.llm replaces the
+               checkpoint's llm). The LLM's and encoders' structural config fields must equal
+               the model's, and each part it holds must cover the model's part, same shapes.
+Otherwise adapters and new vectors start fresh. Each checkpoint must describe the configured
+part: its structural hyper-parameters (widths, layers, heads, vocab, rope, eps, ...) equal the
+config's, and its tensors cover the part's parameters with the same shapes; otherwise one
+ValueError lists every mismatch before any compute. Tensors the part does not use (e.g.
+SigLIP's post-LayerNorm when the tower reads an inner layer) are dropped with a warning. A
+native checkpoint (cli.convert import-hf: the way in for a 7B) is restored by orbax straight
+into the parameters' shardings, each process reading only its shards; HF directories and torch
+files are read on the host and placed in their shardings by the trainer's init.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from omni_jax.utils import fs
 log = logging.getLogger(__name__)
 PARTS = {"llm": "llm", "image": "image_encoder", "video": "video_encoder",
          "audio": "audio_encoder", "speech": "speech"}
+MODEL = "model"  # config.init key of a whole-model checkpoint
+WHOLE_KINDS = ("ola", "ovis2")  # native kinds holding a whole OmniModel
 # config fields that do not change the weights' meaning (compute settings, which layer is read)
 RUNTIME_FIELDS = {"dtype", "param_dtype", "scan_layers", "remat_policy", "select_layer",
                   "use_post_layernorm", "pos_interp", "initializer_range",
@@ -171,12 +180,131 @@ def load_part(part: str, path: str, omni: OmniConfig, abstract: Mapping[str, Any
     return unflatten({k: np.asarray(got[k], dtype=want[k].dtype) for k in want})
 
 
+# fields of whole-model encoder configs that do not change the weights' meaning either
+MODEL_RUNTIME_FIELDS = RUNTIME_FIELDS | {"chunk_seconds", "max_chunks", "align", "sample_rate",
+                                         "mel_hop_length"}
+
+
+def _model_meta(path: str) -> tuple[str, dict[str, Any]]:
+    """(kind, config dict) of a whole-model native checkpoint, without reading its tensors."""
+    import json
+
+    from omni_jax.convert import registry
+
+    if not fs.exists(path):
+        raise ValueError(f"init.model: {path!r} does not exist")
+    meta_file = fs.join(path, registry.NATIVE_META)
+    if not fs.isfile(meta_file):
+        raise ValueError(f"init.model: {path!r} is not an omni_jax native checkpoint (no "
+                         f"{registry.NATIVE_META}); import the release first (cli.convert "
+                         f"import-ola / import-hf)")
+    meta = json.loads(fs.read_text(meta_file))
+    kind = meta.get("kind")
+    if kind not in WHOLE_KINDS:
+        raise ValueError(f"init.model: {path!r} holds a {kind} checkpoint; expected a whole "
+                         f"model ({' or '.join(WHOLE_KINDS)}); a single part goes in "
+                         f"init.{'/'.join(PARTS)}")
+    return kind, meta["config"]
+
+
+def _read_model(path: str, kind: str) -> dict[str, Any]:
+    """A whole-model native checkpoint's params tree (numpy, on the host)."""
+    if kind == "ola":
+        from omni_jax.convert.ola import load_ola
+
+        params = load_ola(path)[1]
+    else:
+        from omni_jax.convert import registry
+
+        params = registry.load_native(path)[2]
+    return params.get("params", params)
+
+
+def _model_config_diff(loaded: OmniConfig, omni: OmniConfig, held: set[str]) -> list[str]:
+    """Structural config differences of the parts the checkpoint holds (LLM, encoders)."""
+    out = [f"llm.{d}" for d in _config_diff(loaded.llm, omni.llm)] if "llm" in held else []
+    for m in ("image", "video", "audio"):
+        a, b = getattr(loaded, m), getattr(omni, m)
+        if f"{m}_encoder" not in held or a is None or b is None or b.shared_with:
+            continue
+        if a.encoder != b.encoder:
+            out.append(f"{m}.encoder: checkpoint {a.encoder!r}, config {b.encoder!r}")
+            continue
+        x, y = dataclasses.asdict(a.encoder_config), dataclasses.asdict(b.encoder_config)
+        for k in sorted(set(x) & set(y) - MODEL_RUNTIME_FIELDS):
+            sub = (x[k], y[k]) if not isinstance(x[k], dict) else (
+                {i: v for i, v in x[k].items() if i not in RUNTIME_FIELDS},
+                {i: v for i, v in (y[k] or {}).items() if i not in RUNTIME_FIELDS})
+            if sub[0] != sub[1]:
+                out.append(f"{m}.encoder_config.{k}: checkpoint {sub[0]!r}, config {sub[1]!r}")
+    return out
+
+
+def load_model(path: str, omni: OmniConfig, abstract: Mapping[str, Any]) -> dict[str, Any]:
+    """init.model: {top-level param key: params} for every part of the whole-model checkpoint
+    at `path` that the model has; all problems (structural config fields, missing tensors,
+    shapes) in one ValueError before any tensor is read."""
+    from omni_jax.convert import registry
+
+    kind, meta_config = _model_meta(path)
+    loaded = OmniConfig.from_dict(meta_config)
+    shapes = registry.native_shapes(path)  # {"llm/...": (shape, dtype)}
+    held = {k.split("/", 1)[0] for k in shapes}
+    parts = sorted(held & set(abstract))
+    want = flatten({p: abstract[p] for p in parts})
+    relayout = "llm" in held and loaded.llm.scan_layers != omni.llm.scan_layers
+    problems = _model_config_diff(loaded, omni, held)
+    if not relayout:  # stacked <-> per-layer LLM: its shapes are compared after re-layout
+        problems += [f"missing {k} {tuple(v.shape)}" for k, v in want.items() if k not in shapes]
+        problems += [f"{k}: checkpoint shape {shapes[k][0]}, model {tuple(v.shape)}"
+                     for k, v in want.items() if k in shapes and shapes[k][0] != tuple(v.shape)]
+    if problems:
+        raise ValueError(f"init.model = {path!r} ({kind}) does not match the model:\n  "
+                         + "\n  ".join(problems))
+    if not parts:
+        raise ValueError(f"init.model = {path!r} ({kind}) holds none of the model's parts: it "
+                         f"has {sorted(held)}, the model {sorted(abstract)}")
+    unused = sorted(held - set(abstract))
+    if unused:
+        log.warning("init.model: checkpoint parts unused by the model: %s", ", ".join(unused))
+    log.info("init.model: %s from %s; fresh: %s", ", ".join(parts), path,
+             ", ".join(sorted(set(abstract) - held)) or "nothing")
+    if _sharded(abstract) and not relayout:  # each process reads its shards only
+        return registry.restore_native_sharded(path, unflatten(dict(want)))
+    got = _read_model(path, kind)
+    if relayout:
+        from omni_jax.convert.tree import stack_layers, unstack_layers
+
+        n = omni.llm.num_layers
+        got["llm"] = stack_layers(got["llm"], n) if omni.llm.scan_layers else \
+            unstack_layers(got["llm"], n)
+    return load_tree(f"init.model = {path!r}", {p: got[p] for p in parts},
+                     {p: abstract[p] for p in parts})
+
+
+def load_tree(what: str, params: Mapping[str, Any], abstract: Mapping[str, Any]
+              ) -> dict[str, Any]:
+    """params checked against abstract (every leaf present, same shape; one ValueError) and
+    cast to its dtypes; extra tensors dropped."""
+    got, want = flatten(params), flatten(abstract)
+    problems = [f"missing {k} {tuple(v.shape)}" for k, v in want.items() if k not in got]
+    problems += [f"{k}: checkpoint shape {tuple(np.shape(got[k]))}, model {tuple(v.shape)}"
+                 for k, v in want.items() if k in got and tuple(np.shape(got[k])) != v.shape]
+    if problems:
+        raise ValueError(f"{what} does not match the model:\n  " + "\n  ".join(problems))
+    return unflatten({k: np.asarray(got[k], dtype=want[k].dtype) for k in want})
+
+
 def load_init(init: Mapping[str, str] | None, omni: OmniConfig, abstract: Mapping[str, Any]
               ) -> dict[str, Any]:
-    """config.init -> {top-level param key: params} for the parts that name a checkpoint."""
+    """config.init -> {top-level param key: params} for the parts that name a checkpoint
+    (init.model first, then the per-part entries over it)."""
     init = {k: v for k, v in dict(init or {}).items() if v}
-    unknown = sorted(set(init) - set(PARTS))
+    unknown = sorted(set(init) - set(PARTS) - {MODEL})
     if unknown:
-        raise ValueError(f"init: unknown parts {unknown}; expected a subset of {sorted(PARTS)}")
-    return {PARTS[p]: load_part(p, str(path), omni, abstract.get(PARTS[p], {}))
-            for p, path in init.items()}
+        raise ValueError(f"init: unknown parts {unknown}; expected a subset of "
+                         f"{sorted([*PARTS, MODEL])}")
+    out = load_model(str(init.pop(MODEL)), omni, abstract) if MODEL in init else {}
+    out.update({PARTS[p]: load_part(p, str(path), omni, abstract.get(PARTS[p], {}))
+                for p, path in init.items()})
+    return out

@@ -25,12 +25,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from omni_jax.model import AUDIO_WAVE, OmniModel, media_shapes
-from omni_jax.omni_config import MODALITIES, OmniConfig
+from omni_jax.model import MEDIA_KEYS, OmniModel, media_shapes
+from omni_jax.omni_config import OmniConfig
 from omni_jax.train.model import Batch
 
-MODEL_KEYS = ("input_ids", "modality", "media_index", "segment_ids", "positions", *MODALITIES,
-              AUDIO_WAVE)
+MODEL_KEYS = ("input_ids", "modality", "media_index", "segment_ids", "positions", *MEDIA_KEYS)
 SPEECH_PARAMS = ("speech", "speech_ref")
 
 

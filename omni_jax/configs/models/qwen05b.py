@@ -21,9 +21,13 @@ BEATS = dict(embed_dim=512, encoder_embed_dim=768, encoder_layers=12, encoder_at
 # CLIP ViT-L/14-336-sized tower for OpenOmni (our SigLIP block, CLIP's sizes).
 CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
               image_size=336, patch_size=14)
-SIZES = dict(image_size=384, ola_image_size=384, capybara_image_size=448, openomni_vit=CLIP_L,
-             video_frames=16, audio_frames=3000, audio_chunks=1, speech_hidden=2048,
-             ovis_vocab=65536, highway_dim=1024)
+# Ola's two views: low-res 384 x 384 (Ola: area ~384^2); high-res canvas 768 x 768 (Ola caps
+# native images at 1536^2: the static canvas bounds compute, 24 x 24 pooled rows; images up to
+# 768 px stay native, larger ones shrink to fit); video frames 384 x 384 (Ola: area in [288^2,
+# 480^2], sides multiples of 64). Tokens per image: 3 + 12 * 13 + 24 * 25 = 759.
+SIZES = dict(image_size=384, ola_image_size=768, ola_lowres_size=384, ola_video_size=384,
+             capybara_image_size=448, openomni_vit=CLIP_L, video_frames=16, audio_frames=3000,
+             audio_chunks=1, speech_hidden=2048, ovis_vocab=65536, highway_dim=1024)
 
 
 def get_config(flavor: str | None = None) -> ConfigDict:

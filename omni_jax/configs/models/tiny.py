@@ -15,7 +15,10 @@ WHISPER = dict(num_mel_bins=80, d_model=16, encoder_layers=2, encoder_attention_
                encoder_ffn_dim=32, max_source_positions=50)
 BEATS = dict(embed_dim=16, encoder_embed_dim=16, encoder_layers=1, encoder_attention_heads=2,
              encoder_ffn_embed_dim=32, conv_pos=4, conv_pos_groups=2)
-SIZES = dict(image_size=32, ola_image_size=32, capybara_image_size=32,
+# Ola: high-res canvas 64 x 64 (4 x 4 patches of 16), low-res and video 32 x 32 (2 x 2 patches):
+# 3 + 1 * (1 + 1) + 2 * (2 + 1) = 11 tokens per image
+SIZES = dict(image_size=32, ola_image_size=64, ola_lowres_size=32, ola_video_size=32,
+             capybara_image_size=32,
              openomni_vit=dict(image_size=32, patch_size=8), video_frames=2,
              audio_frames=100,  # 1 s of 10 ms mel frames; Whisper halves it to 50 positions
              ola_pos_grid=4,  # Ola's position table (128 x 128 in the release)

@@ -31,7 +31,8 @@ from omni_jax.data.features.config import ImageConfig
 
 __all__ = ["to_rgb", "decode_image", "resize", "normalize", "preprocess", "select_grid",
            "TiledImage", "tile_image", "ola_lowres_size", "ola_highres_size", "OlaViews",
-           "ola_views"]
+           "ola_views", "OLA_PAD_VALUE", "fit_within", "ola_canvas_views"]
+OLA_PAD_VALUE = 127  # Ola pads its views with gray (127, 127, 127)
 
 _PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                 "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
@@ -265,3 +266,45 @@ def ola_views(image: np.ndarray, config: ImageConfig) -> OlaViews:
     high = np.full((ph, pw, 3), config.pad_value, np.uint8)
     high[:rh, :rw] = resize(rgb, rh, rw, config)
     return OlaViews(normalize(low, config), normalize(high, config), (rh, rw))
+
+
+def fit_within(height: int, width: int, max_h: int, max_w: int) -> tuple[int, int]:
+    """(height, width) if it fits max_h x max_w, else scaled down keeping the aspect ratio so
+    the limiting side is exact (the other rounded half up, >= 1 pixel)."""
+    if height <= max_h and width <= max_w:
+        return height, width
+    return _fit(height, width, max_h, max_w, 1, rounding=True)
+
+
+def _on_canvas(rgb: np.ndarray, hw: tuple[int, int], canvas: tuple[int, int], pad_value: int,
+               config: ImageConfig) -> np.ndarray:
+    out = np.full((*canvas, 3), pad_value, np.uint8)  # [canvas_h, canvas_w, 3]
+    top, left = (canvas[0] - hw[0]) // 2, (canvas[1] - hw[1]) // 2
+    out[top:top + hw[0], left:left + hw[1]] = resize(rgb, *hw, config)
+    return out
+
+
+def ola_canvas_views(image: np.ndarray, config: ImageConfig, lowres_size: Sequence[int],
+                     highres_size: Sequence[int], pad_value: int = OLA_PAD_VALUE
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Ola's two views of one image on two static canvases -> (low [h, w, 3], high [H, W, 3])
+    float32, normalized. Each view is sized by Ola's rule, shrunk (aspect kept) if it still
+    exceeds its canvas, and centred on a pad_value canvas (Ola pads with gray):
+      high-res: native size, area capped at min(config.highres_max_area, H * W)
+                (ola_highres_size; the padding to multiples of 32 is the canvas's);
+      low-res:  area ~ h * w (the canvas's: ola_lowres_size with that area target), sides
+                multiples of config.size_multiple.
+    Both views are resized from the original image (Ola derives the low-res view from the
+    padded high-res one: the same picture up to that <= 31 px padding)."""
+    rgb = to_rgb(image, config.strict_channels)
+    (lh, lw), (hh, hw) = (int(x) for x in lowres_size), (int(x) for x in highres_size)
+    if min(lh, lw, hh, hw) < 1:
+        raise ValueError(f"ola_canvas_views: canvases must be positive, got low "
+                         f"{tuple(lowres_size)}, high {tuple(highres_size)}")
+    h, w = rgb.shape[:2]
+    cap = config.replace(highres_max_area=min(config.highres_max_area, hh * hw))
+    high = fit_within(*ola_highres_size(h, w, cap)[0], hh, hw)
+    low = fit_within(*ola_lowres_size(h, w, config.replace(lowres_area=lh * lw)), lh, lw)
+    both = [_on_canvas(rgb, low, (lh, lw), pad_value, config),
+            _on_canvas(rgb, high, (hh, hw), pad_value, config)]
+    return normalize(both[0], config), normalize(both[1], config)
