@@ -1,6 +1,7 @@
 """Chat with a trained recipe: `python -m omni_jax.cli.chat --workdir DIR [--config RECIPE[:ARG]]
 --prompt "..." [--image PATH] [--audio PATH] [--video PATH|FRAME_DIR] [--stage NAME]
-[--max_new_tokens N] [--stream] [--speak_dir DIR] [--units_dir DIR] [--tts auto]`.
+[--max_new_tokens N] [--stream] [--speak_dir DIR] [--units_dir DIR] [--tts auto]
+[--out image.png [--image_steps N] [--guidance S]]`.
 
 Loads the final parameters of a stage trained by omni_jax.cli.train in DIR (default: the last
 finished stage of config.stage_order) and the recipe's tokenizer. The config is the one the
@@ -156,11 +157,14 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
              videos: Sequence[str] = (), system: str | None = None, max_new_tokens: int = 256,
              sampling: SamplingConfig = GREEDY, seed: int = 0, stream: bool = False,
              speak_dir: str | None = None, voice: str | None = None,
-             units_dir: str | None = None, tts: str = "auto",
+             units_dir: str | None = None, tts: str = "auto", out: str | None = None,
+             image_steps: int = 50, guidance: float = 3.0,
              echo: Callable[[str], None] = print) -> str:
     """Answer one user turn with a trained stage; -> the answer text (also echoed: whole, or
     one sentence per call with stream). Inputs are checked before the parameters load.
-    tts: "auto" (the trained speech generator if any, else espeak-ng), "generator", "espeak"."""
+    tts: "auto" (the trained speech generator if any, else espeak-ng), "generator", "espeak".
+    out: generate an image instead (X-VILA output head, config.xvila_output) and write it
+    there as PNG; with --image the first image is reproduced / edited through the VEH."""
     import flax.linen as nn
     import jax
 
@@ -175,6 +179,10 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
         raise ValueError("--prompt must be a non-empty string")
     if tts not in TTS:
         raise ValueError(f"--tts must be one of {TTS}, got {tts!r}")
+    if out is not None and not config.get("xvila_output"):
+        raise ValueError(f"--out {out!r}: the model of recipe {config.recipe!r} has no image "
+                         f"decoder (an X-VILA output head: recipe xvila:output=on, "
+                         f"config.xvila_output)")
     omni = OmniConfig.from_dict(config.model.to_dict())
     media = {"image": list(images), "video": list(videos), "audio": list(audios)}
     towers = [m for m in MODALITIES if getattr(omni, m) is not None and not config.text_only]
@@ -194,6 +202,9 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
         RECORD_KEYS[m]: p for m, p in media.items()}), media=arrays)
     lm = OmniLM(omni, config.train.get("fused_head_chunk"))
     plan, speech_trained = _pick(config, workdir, lm, stage)
+    if out is not None:
+        return _image_out(config, omni, tok, workdir, plan, batch, out, image_steps, guidance,
+                          seed, bool(images), echo)
     if tts == "generator" and not speech_trained:
         raise ValueError(f"--tts=generator but stage {plan.name!r} has no trained speech "
                          f"generator (config.model.speech and a stage training 'speech')")
@@ -246,6 +257,37 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
     return answer
 
 
+def _image_out(config: ml_collections.ConfigDict, omni: OmniConfig, tok: Any, workdir: str,
+               plan: omni_recipes.StagePlan, batch: dict[str, np.ndarray], out: str,
+               steps: int, guidance: float, seed: int, has_image: bool,
+               echo: Callable[[str], None]) -> str:
+    """The prompt + K generation tokens -> one LLM pass -> the image decoder -> PNG at out."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    from PIL import Image
+
+    from omni_jax.decoders.xvila import XVilaHeadConfig, check_generation
+    from omni_jax.train.xvila_model import XVilaLM, image_to_unit
+
+    head = XVilaHeadConfig.from_dict(config.xvila_output.to_dict())
+    check_generation(head, steps, guidance)
+    model = XVilaLM(omni, head, tok.gen_image_id)
+    gen = np.full((1, head.gen_tokens), tok.gen_image_id, batch["input_ids"].dtype)
+    batch = dict(batch, input_ids=np.concatenate([batch["input_ids"], gen], 1),
+                 modality=np.concatenate([batch["modality"], np.zeros_like(gen)], 1))
+    if has_image:
+        batch["veh_index"] = np.zeros((1,), np.int32)
+    params = nn.unbox(omni_recipes.final_params(workdir, dataclasses.replace(plan, model=model)))
+    img = model.generate(params, batch, jax.random.key(seed), steps=steps,
+                         guidance_scale=guidance, image_to_image=has_image)
+    pixels = np.round(image_to_unit(img)[0] * 255).astype(np.uint8)  # [H, W, C]
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(out)
+    echo(f"wrote {out} ({pixels.shape[1]}x{pixels.shape[0]}, stage {plan.name})")
+    return out
+
+
 # ---- command line ---------------------------------------------------------------------------
 flags.DEFINE_string("prompt", None, "the user's message")
 flags.DEFINE_multi_string("image", [], "image file (repeat for several)")
@@ -264,6 +306,10 @@ recipes.define_once("string", "units_dir", None, "unit tokenizer + vocoder direc
                     "speech generator (default: config.speech_units.dir)")
 flags.DEFINE_enum("tts", "auto", list(TTS), "speech for --speak_dir: the trained generator "
                   "(auto: when the model has one) or espeak-ng")
+flags.DEFINE_string("out", None, "write a generated image (PNG) here instead of a text "
+                    "answer; needs an X-VILA image decoder (recipe xvila:output=on)")
+flags.DEFINE_integer("image_steps", 50, "--out: DDIM steps")
+flags.DEFINE_float("guidance", 3.0, "--out: classifier-free guidance scale (>= 0)")
 FLAGS = flags.FLAGS
 
 
@@ -283,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  system=FLAGS.system, max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
                  seed=FLAGS.seed, stream=FLAGS.stream, speak_dir=FLAGS.speak_dir,
                  voice=FLAGS.voice, units_dir=FLAGS.units_dir, tts=FLAGS.tts,
+                 out=FLAGS.out, image_steps=FLAGS.image_steps, guidance=FLAGS.guidance,
                  echo=lambda s: print(s, flush=True))
     except KeyError as e:  # a --config.a.b override naming no field
         print(f"error: bad --config override: no field {e}", file=sys.stderr)

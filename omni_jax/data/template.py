@@ -13,6 +13,10 @@ media placeholder are 0. The whole rendered string is tokenized at once (so ids 
 For next-token prediction use `shift_targets`: targets[i] = input_ids[i + 1], weighted by
 loss_mask[i + 1].
 
+Image output (X-VILA): a {"type": "gen_image"} part renders as TemplateConfig.gen_image_tokens
+copies of TokenizerConfig.gen_image_token: ordinary text positions (modality 0; supervised in
+an assistant turn, so the LLM learns to emit them) whose hidden states drive the image decoder.
+
 Media: each {"type": "image"|"video"|"audio"} part renders as that modality's placeholder
 token; literal placeholder strings inside text (e.g. "<image>") count the same way (as do
 literal special tokens in any text, exactly as with `apply_chat_template`). The k-th
@@ -33,7 +37,8 @@ from omni_jax.config_base import StrictConfig
 from omni_jax.data.tokenizer import MODALITIES, Tokenizer
 
 ROLES = ("system", "user", "assistant")
-PART_TYPES = ("text", *MODALITIES)
+GEN_IMAGE = "gen_image"  # X-VILA output part: K generation tokens (TemplateConfig)
+PART_TYPES = ("text", *MODALITIES, GEN_IMAGE)
 MODALITY_IDS = {"text": 0, "image": 1, "video": 2, "audio": 3}
 _PLURAL = {"image": "images", "video": "videos", "audio": "audio clips"}
 
@@ -47,8 +52,16 @@ class TemplateConfig(StrictConfig):
     # Qwen2-Instruct's default system turn; None inserts no system turn.
     default_system_prompt: str | None = "You are a helpful assistant."
     max_len: int | None = None  # longer sequences (after media expansion) are a ValueError
+    # a {"type": "gen_image"} part renders as this many TokenizerConfig.gen_image_token
+    # tokens: X-VILA's image-generation positions (the output head reads their hidden states)
+    gen_image_tokens: int = 4
 
     def __post_init__(self) -> None:
+        if isinstance(self.gen_image_tokens, bool) or not isinstance(self.gen_image_tokens,
+                                                                     int) \
+                or self.gen_image_tokens <= 0:
+            raise ValueError(f"TemplateConfig.gen_image_tokens must be a positive int, got "
+                             f"{self.gen_image_tokens!r}")
         if self.default_system_prompt is not None and not isinstance(
                 self.default_system_prompt, str):
             raise ValueError(f"TemplateConfig.default_system_prompt must be a str or None, got "
@@ -143,11 +156,21 @@ class ChatTemplate:
         self.tokenizer = tokenizer
         self.config = config or TemplateConfig()
 
+    def _part_text(self, part: Mapping[str, Any]) -> str:
+        if part["type"] == "text":
+            return part["text"]
+        if part["type"] == GEN_IMAGE:
+            tok = self.tokenizer.config.gen_image_token
+            if tok is None:
+                raise ValueError("a {'type': 'gen_image'} part needs a tokenizer with a "
+                                 "generation token (TokenizerConfig.gen_image_token), got None")
+            return tok * self.config.gen_image_tokens
+        return self.tokenizer.placeholder_token(part["type"])
+
     def _content_text(self, content: str | Sequence[Mapping[str, Any]]) -> str:
         if isinstance(content, str):
             return content
-        return "".join(p["text"] if p["type"] == "text"
-                       else self.tokenizer.placeholder_token(p["type"]) for p in content)
+        return "".join(self._part_text(p) for p in content)
 
     def render_with_spans(self, conversation: Conversation, add_generation_prompt: bool = False
                           ) -> tuple[str, list[tuple[int, int]]]:
@@ -244,5 +267,5 @@ class ChatTemplate:
     __call__ = encode
 
 
-__all__ = ["MODALITY_IDS", "ROLES", "ChatExample", "ChatTemplate", "TemplateConfig",
+__all__ = ["GEN_IMAGE", "MODALITY_IDS", "ROLES", "ChatExample", "ChatTemplate", "TemplateConfig",
            "shift_targets"]

@@ -21,7 +21,7 @@ from omni_jax.utils import fs
 TOKENIZER_KINDS = ("sentencepiece", "hf")
 MODALITIES = ("image", "video", "audio")  # modality ids 1, 2, 3 (0 is text)
 # Tokens that appear inside rendered chat text: each must encode to exactly its own id.
-TEXT_SPECIALS = ("im_start", "im_end", "endoftext", *MODALITIES)
+TEXT_SPECIALS = ("im_start", "im_end", "endoftext", *MODALITIES, "gen_image")
 # Tokens only used by id (may be control symbols that never appear in text).
 ID_SPECIALS = ("pad", "eos", "bos")
 SPECIAL_NAMES = TEXT_SPECIALS + ID_SPECIALS
@@ -48,6 +48,9 @@ class TokenizerConfig(StrictConfig):
     image_token: str | None = "<image>"
     video_token: str | None = "<video>"
     audio_token: str | None = "<audio>"
+    # X-VILA: the token the LLM emits (K times, data.template) where an image is to be
+    # generated; None (default) = no image output, existing vocabularies unchanged
+    gen_image_token: str | None = None
     add_missing_tokens: bool = False  # hf only: append missing specials to the vocabulary
 
     def __post_init__(self) -> None:
@@ -62,7 +65,7 @@ class TokenizerConfig(StrictConfig):
                              "(retrain the SentencePiece model with the tokens instead)")
         for name in SPECIAL_NAMES:
             tok = getattr(self, f"{name}_token")
-            required = name not in (*MODALITIES, "bos")
+            required = name not in (*MODALITIES, "bos", "gen_image")
             if tok is None and not required:
                 continue
             if not isinstance(tok, str) or not tok:
@@ -157,6 +160,11 @@ class Tokenizer(abc.ABC):
     @property
     def endoftext_id(self) -> int:
         return self._special_ids["endoftext"]
+
+    @property
+    def gen_image_id(self) -> int:
+        """Id of the image-generation token; ValueError when gen_image_token is None."""
+        return self.special_id("gen_image")
 
     def placeholder_token(self, modality: str) -> str:
         """Placeholder string of a modality ("image" | "video" | "audio")."""
