@@ -160,6 +160,8 @@ class OmniEncoder:
             frames = vfeat.sample_frames(np.stack(frames), t.num_frames)
         else:
             frames = vfeat.decode_video(read_media(ref), t.num_frames)
+        if t.adapter in ("ola_lgap",):  # Ola: frame area clamped, sides x 64, gray canvas
+            return ifeat.ola_frames(list(frames), self.image_cfg, t.image_size)
         return self._pixels(list(frames), t.image_size[0])
 
     def views(self, rgb: np.ndarray) -> np.ndarray:

@@ -163,3 +163,23 @@ def test_bad_two_view_configs_fail():
              IMAGE_LOWRES: np.zeros((1, 32, 32, 3))}
     with pytest.raises(ValueError, match="takes one view per image"):
         check_batch(omni, batch)
+
+
+@pytest.mark.parametrize("hw, want", [((100, 100), (320, 320)),  # area raised to 288^2
+                                      ((1080, 1920), (320, 640)),  # lowered to 480^2
+                                      ((300, 400), (320, 384))])  # in range: x64 rounding
+def test_ola_video_frame_sizing(hw, want):
+    """SEEDS: each frame's area clamped to [288^2, 480^2], sides multiples of 64; then fitted
+    (aspect kept) and gray-centred on the video tower's static canvas."""
+    from omni_jax.data.features.config import ImageConfig
+
+    cfg = ImageConfig()
+    got = ifeat.ola_frame_size(*hw, cfg)
+    assert got == want and all(s % 64 == 0 for s in got)
+    assert got[0] * got[1] <= 480 ** 2 and (got[0] * got[1] >= 288 ** 2 or hw == (300, 400))
+    frames = [np.full((*hw, 3), 200, np.uint8)] * 2
+    out = ifeat.ola_frames(frames, cfg, (640, 640))
+    assert out.shape == (2, 640, 640, 3)
+    gray = (127 / 255 - 0.5) / 0.5
+    rows = np.abs(out[0, :, 320, 0] - gray) > 1e-6  # the frame's rows in the centre column
+    assert int(rows.sum()) == min(want[0], 640 * want[0] // max(want))

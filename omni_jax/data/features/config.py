@@ -84,12 +84,19 @@ class ImageConfig(_DictMixin):
     lowres_area: int = 384 * 384  # Ola low-res view: area target
     highres_max_area: int = 1536 * 1536  # Ola high-res view: area cap
     size_multiple: int = 32  # Ola: sides multiple of patch (16) x pooling (2)
+    video_min_area: int = 288 * 288  # Ola video frames: area clamped to [min, max],
+    video_max_area: int = 480 * 480  # sides multiples of video_multiple (SEEDS)
+    video_multiple: int = 64
 
     def __post_init__(self) -> None:
         check_positive("ImageConfig", image_size=self.image_size,
                        rescale_factor=self.rescale_factor, max_tiles=self.max_tiles,
                        lowres_area=self.lowres_area, highres_max_area=self.highres_max_area,
-                       size_multiple=self.size_multiple)
+                       size_multiple=self.size_multiple, video_min_area=self.video_min_area,
+                       video_max_area=self.video_max_area, video_multiple=self.video_multiple)
+        if self.video_min_area > self.video_max_area:
+            raise ValueError(f"ImageConfig: video_min_area={self.video_min_area} exceeds "
+                             f"video_max_area={self.video_max_area}")
         if self.resample not in IMAGE_RESAMPLE:
             raise ValueError(f"ImageConfig.resample {self.resample!r} unknown; expected one of "
                              f"{IMAGE_RESAMPLE}")

@@ -308,3 +308,35 @@ def ola_canvas_views(image: np.ndarray, config: ImageConfig, lowres_size: Sequen
     both = [_on_canvas(rgb, low, (lh, lw), pad_value, config),
             _on_canvas(rgb, high, (hh, hw), pad_value, config)]
     return normalize(both[0], config), normalize(both[1], config)
+
+
+def ola_frame_size(height: int, width: int, config: ImageConfig) -> tuple[int, int]:
+    """Ola's video frame size: aspect kept, area clamped to [video_min_area, video_max_area],
+    each side a multiple of video_multiple (at least one): rounded up when the area was
+    raised to the minimum, down when lowered to the maximum (so the clamp holds), else to
+    the nearest multiple."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"ola_frame_size: size must be positive, got ({height}, {width})")
+    area = min(max(height * width, config.video_min_area), config.video_max_area)
+    scale = math.sqrt(area / (height * width))
+    m = config.video_multiple
+    if area > height * width:
+        side = lambda x: max(m, math.ceil(x * scale / m) * m)  # noqa: E731
+    elif area < height * width:
+        side = lambda x: max(m, math.floor(x * scale / m) * m)  # noqa: E731
+    else:
+        side = lambda x: _round_multiple(x * scale, m)  # noqa: E731
+    return side(height), side(width)
+
+
+def ola_frames(frames: Sequence[np.ndarray], config: ImageConfig, canvas: Sequence[int],
+               pad_value: int = OLA_PAD_VALUE) -> np.ndarray:
+    """Video frames sized by Ola's rule (ola_frame_size), shrunk (aspect kept) to fit the
+    static canvas if needed and centred on it (gray): [F, H, W, 3] float32, normalized."""
+    ch, cw = (int(x) for x in canvas)
+    out = []
+    for f in frames:
+        rgb = to_rgb(f, config.strict_channels)
+        hw = fit_within(*ola_frame_size(*rgb.shape[:2], config), ch, cw)
+        out.append(_on_canvas(rgb, hw, (ch, cw), pad_value, config))
+    return normalize(np.stack(out), config)
