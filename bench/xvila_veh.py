@@ -1,7 +1,9 @@
 """X-VILA output side on scikit-learn's 8x8 digits, driven by the tiny LLM (width 32, 2 layers).
 
 (1) text -> image: "Draw a seven." -> K generation tokens -> output projection -> DiT. Trained
-    as the recipe's decoder_align stage (LLM frozen). A LogisticRegression digit classifier,
+    as the recipe's decoder_align stage (LLM frozen: a random LLM's generation-token states
+    carry the digit as ~5% of their spread), and with the LLM trained too (x2x_textual's
+    trainable set + the decoder, same steps / lr). A LogisticRegression digit classifier,
     fit on the real train-split images (held-out accuracy reported), reads every generated
     image: the share recognised as the requested digit.
 (2) the VEH claim: image -> image "Reproduce this image." with and without the visual embedding
@@ -10,6 +12,10 @@
     skimage's formula, data range 1) of reproductions of held-out test-split images vs input.
 
     .venv/bin/python bench/xvila_veh.py [--quick] [--out bench/results/xvila_veh.json]
+
+Measured (--steps 800 --batch 32 --ddim 20 --lr 3e-3, CPU, ~9 min): VEH 27.3 dB / SSIM 0.968
+(same digit 0.961) vs 8.8 dB / 0.236 without; text -> image 0.141 both with the LLM frozen and
+trained (the head + DiT alone reach ~0.9 on one-hot or whitened generation-token states).
 """
 
 from __future__ import annotations
@@ -177,6 +183,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ddim", type=int, default=0, help="DDIM steps (0: mode's)")
     ap.add_argument("--guidance", type=float, default=2.0, help="text -> image CFG scale")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak lr of every run (Adam)")
     args = ap.parse_args(argv)
     steps = args.steps or (20 if args.quick else 1500)
     ddim = args.ddim or (5 if args.quick else 50)
@@ -190,36 +197,38 @@ def main(argv: list[str]) -> int:
           flush=True)
     results: dict = {"quick": args.quick, "train_steps": steps, "batch": args.batch,
                      "ddim_steps": ddim, "classifier_test_accuracy": clf_acc,
-                     "llm": "tiny (width 32, 2 layers, random init, frozen in (1))"}
+                     "lr": args.lr, "llm": "tiny (width 32, 2 layers, random init)"}
     with tempfile.TemporaryDirectory() as tmp:
         data = Digits(tmp, config)
         gen_id = data.tok.gen_image_id
 
-        # (1) text -> image, decoder alignment (LLM frozen), VEH rows masked (no image)
-        model = XVilaLM(config, head_config(True), gen_id)
-
+        # (1) text -> image: decoder alignment (LLM frozen), then with the LLM trained too
         def t2i_batch(step: int) -> dict:
             rng = np.random.default_rng([1, step])
             idx = rng.choice(train_idx, args.batch)
             return data.t2i(labels[idx], rng, idx, step * args.batch)
 
-        stage = recipe.output_stages()["decoder_align"]
-        params, losses, secs = train(model, list(stage.trainable), t2i_batch, steps, args.batch,
-                                     1e-3, seed=0)
+        align = list(recipe.output_stages()["decoder_align"].trainable)
         want = np.repeat(np.arange(10), max(1, len(test_idx) // 10))
-        rng = np.random.default_rng(7)
-        batches = [data.t2i(want[i:i + 50], rng, None, 0) for i in range(0, len(want), 50)]
-        imgs = generate(model, params, batches, ddim, args.guidance, False)
-        pred = clf.predict(imgs.reshape(len(imgs), -1))
-        acc = float(np.mean(pred == want))
-        per = [float(np.mean(pred[want == d] == d)) for d in range(10)]
-        results["text_to_image"] = {
-            "accuracy": acc, "per_digit": per, "images": len(want), "guidance": args.guidance,
-            "trainable": list(stage.trainable), "loss_first": float(np.mean(losses[:20])),
-            "loss_last": float(np.mean(losses[-20:])), "train_seconds": secs}
-        print(f"(1) text -> image: {acc:.3f} recognised as the requested digit "
-              f"({len(want)} images, loss {results['text_to_image']['loss_first']:.3f} -> "
-              f"{results['text_to_image']['loss_last']:.3f}, {secs:.0f} s)", flush=True)
+        for key, trainable in (("text_to_image", align),
+                               ("text_to_image_llm_trained", ["^llm/", *align])):
+            model = XVilaLM(config, head_config(True), gen_id)  # VEH rows masked (no image)
+            params, losses, secs = train(model, trainable, t2i_batch, steps, args.batch,
+                                         args.lr, seed=0)
+            rng = np.random.default_rng(7)
+            batches = [data.t2i(want[i:i + 50], rng, None, 0) for i in range(0, len(want), 50)]
+            imgs = generate(model, params, batches, ddim, args.guidance, False)
+            pred = clf.predict(imgs.reshape(len(imgs), -1))
+            acc = float(np.mean(pred == want))
+            r = results[key] = {
+                "accuracy": acc, "per_digit": [float(np.mean(pred[want == d] == d))
+                                               for d in range(10)],
+                "images": len(want), "guidance": args.guidance, "trainable": trainable,
+                "loss_first": float(np.mean(losses[:20])),
+                "loss_last": float(np.mean(losses[-20:])), "train_seconds": secs}
+            print(f"(1) {key}: {acc:.3f} recognised as the requested digit ({len(want)} "
+                  f"images, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, {secs:.0f} s)",
+                  flush=True)
 
         # (2) image -> image with and without the VEH, the same budget
         base = ["^llm/", "^image_adapter/", *recipe.OUT_PROJ, *recipe.DECODER]
@@ -231,8 +240,8 @@ def main(argv: list[str]) -> int:
                 return data.i2i(rng.choice(train_idx, args.batch), step * args.batch)
 
             trainable = base + (recipe.VEH if veh else [])
-            params, losses, secs = train(model, trainable, i2i_batch, steps, args.batch, 1e-3,
-                                         seed=0)
+            params, losses, secs = train(model, trainable, i2i_batch, steps, args.batch,
+                                         args.lr, seed=0)
             batches = [data.i2i(test_idx[i:i + 60], 0, targets=False)
                        for i in range(0, len(test_idx), 60)]
             imgs = generate(model, params, batches, ddim, None, True)

@@ -139,7 +139,9 @@ def towers(flavor: str, width: int, *, siglip: Mapping[str, Any], whisper: Mappi
                         "adapter": "speech", "adapter_config": speech,
                         "num_frames": sizes["audio_frames"]}
     if flavor == "xvila":  # visual embedding highway to the (later) visual decoder
-        out["highway"] = {"out_dim": sizes["highway_dim"]}
+        # init_std ~ 1 / sqrt(encoder width): 0.02 shrinks the patch features ~12x at width 16
+        out["highway"] = {"out_dim": sizes["highway_dim"],
+                          "init_std": round(siglip["hidden_size"] ** -0.5, 4)}
     return out
 
 

@@ -55,10 +55,40 @@ def stage_order(config: ml_collections.ConfigDict) -> list[str]:
     return order
 
 
-def model_of(config: ml_collections.ConfigDict) -> OmniLM:
-    """The recipe's train model (config.model + config.train.fused_head_chunk)."""
-    return OmniLM(OmniConfig.from_dict(config.model.to_dict()),
-                  config.train.get("fused_head_chunk"))
+def model_of(config: ml_collections.ConfigDict) -> Any:
+    """The recipe's train model (config.model + config.train.fused_head_chunk): an OmniLM, or
+    with config.xvila_output (X-VILA's output side) an XVilaLM with that head."""
+    omni = OmniConfig.from_dict(config.model.to_dict())
+    chunk = config.train.get("fused_head_chunk")
+    if not config.get("xvila_output"):
+        return OmniLM(omni, chunk)
+    from omni_jax.decoders.xvila import XVilaHeadConfig
+    from omni_jax.train.xvila_model import XVilaLM
+
+    head = config.xvila_output.to_dict()
+    gen_id = xvila_gen_id(config, head.pop("gen_token_id", None))
+    return XVilaLM(omni, XVilaHeadConfig.from_dict(head), gen_id, chunk)
+
+
+def xvila_gen_id(config: ml_collections.ConfigDict, configured: int | None) -> int:
+    """The generation token's id: the tokenizer's gen_image_token when config.tokenizer.path is
+    set (it must agree with a configured xvila_output.gen_token_id), else the configured id,
+    else 0: a plan-only placeholder (planning traces shapes; encoding, training and generating
+    all load the tokenizer first, which then supplies the real id)."""
+    if not config.tokenizer.get("path"):
+        return 0 if configured is None else int(configured)
+    from omni_jax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(config.tokenizer.to_dict())
+    if "gen_image" not in tok.special_ids:
+        raise ValueError(f"xvila_output needs a tokenizer with a generation token: set "
+                         f"--config.tokenizer.gen_image_token (it is "
+                         f"{config.tokenizer.get('gen_image_token')!r})")
+    gen_id = int(tok.special_ids["gen_image"])
+    if configured is not None and int(configured) != gen_id:
+        raise ValueError(f"xvila_output.gen_token_id={configured} but the tokenizer's "
+                         f"{config.tokenizer.gen_image_token!r} is id {gen_id}")
+    return gen_id
 
 
 def trainer_config(config: ml_collections.ConfigDict, name: str, steps: int
@@ -96,7 +126,8 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM | None = None, *,
     plans = []
     for name in stage_order(config):
         s = config.stages[name]
-        m = stage_model(model.config, s.losses, model.fused_head_chunk)
+        m = model if config.get("xvila_output") else stage_model(model.config, s.losses,
+                                                                 model.fused_head_chunk)
         if m.dpo_reference not in trees:
             trees[m.dpo_reference] = nn.unbox(jax.eval_shape(
                 lambda m=m: m.init(jax.random.key(0), batch))["params"])

@@ -200,3 +200,30 @@ def test_output_stages_freeze_what_the_paper_says(setup):
         assert trained == groups, name
         head = {p for p, lab in zip(paths, labels) if lab != FREEZE and "xvila_head" in p}
         assert any("veh_" in p for p in head) == (name == "x2x_visual"), name
+
+
+def test_output_recipe_dry_run_plans_an_xvila_model(setup, tmp_path):
+    """`cli.train --config xvila:model=tiny,output=on --dry_run`: the plan's model is an
+    XVilaLM; its gen id comes from the tokenizer when one is configured, else gen_token_id."""
+    from omni_jax.recipes import load_recipe, model_of
+    from omni_jax.recipes.run import run
+
+    tok, *_ = setup
+    config = load_recipe("xvila:model=tiny,output=on")
+    lines: list[str] = []
+    status = run(config, str(tmp_path), dry_run=True, echo=lines.append)
+    assert set(status.values()) == {"planned"} and len(status) == 6
+    text = "\n".join(lines)
+    assert "decoder_align" in text and "[image_decoder, xvila_head]" in text
+    assert "[highway, image_decoder, xvila_head]" in text  # x2x_visual
+    assert isinstance(model_of(config), XVilaLM) and model_of(config).gen_id == 0
+    other = tok.gen_image_id + 1
+    config.xvila_output.gen_token_id = other
+    assert model_of(config).gen_id == other
+    config.tokenizer.path = tok.config.path  # the tokenizer decides; a configured id must agree
+    with pytest.raises(ValueError, match=f"gen_token_id={other} but the tokenizer's "
+                                         "'<gen_image>'"):
+        model_of(config)
+    config.xvila_output.gen_token_id = None
+    assert model_of(config).gen_id == tok.gen_image_id
+    assert not isinstance(model_of(load_recipe("xvila:model=tiny")), XVilaLM)

@@ -44,9 +44,11 @@ def output_head(model_name: str, model) -> dict:
     """XVilaHeadConfig dict for the recipe's model: K = 4 generation tokens + the VEH rows of
     one image (its patch grid)."""
     side, patch = model.image.image_size[0], model.image.encoder_config.patch_size
-    p, k = (side // patch) ** 2, 4
+    p, k, width = (side // patch) ** 2, 4, int(model.llm.hidden_size)
     dec = dict(DECODERS["tiny" if model_name == "tiny" else "real"], cond_len=k + p)
-    return {"llm_hidden": int(model.llm.hidden_size), "gen_tokens": k,
+    # init_std ~ 1 / sqrt(LLM width): at 0.02 a width-32 head scales the conditioning down
+    # ~100x (its digit signal sat at 0.6% of the row embeddings) and the DiT learns to ignore it
+    return {"llm_hidden": width, "gen_tokens": k, "init_std": round(width ** -0.5, 4),
             "proj_hidden": 4 * int(dec["cond_dim"]), "veh": True,
             "highway_dim": int(model.highway.out_dim), "highway_tokens": p, "decoder": dec}
 
@@ -98,7 +100,9 @@ def get_config(arg: str | None = None):
         stages.update(output_stages())
     c = common.recipe("xvila", a["model"], "xvila", order, stages)
     if output:
-        c.xvila_output = output_head(a["model"], c.model)
+        # gen_token_id: the generation token's id when no tokenizer is configured (plan
+        # time); with tokenizer.path set the tokenizer's gen_image_token decides
+        c.xvila_output = {**output_head(a["model"], c.model), "gen_token_id": None}
         c.tokenizer.gen_image_token = GEN_IMAGE_TOKEN
         c.loss_modules = ("omni_jax.train.xvila_model",)  # registers the `diffusion` loss
     return c
