@@ -189,6 +189,9 @@ _COUNTERS = ("batches", "examples", "dropped_too_long", "tokens", "token_slots",
              "skipped_corrupt_media")
 
 
+TOO_LONG_GRACE = 256  # examples dropped as too long, none kept: a config error, not bad luck
+
+
 class _BatchIterator(grain.DatasetIterator):
     """Drops over-long examples, pads or packs the rest into batches; checkpointable."""
 
@@ -209,6 +212,12 @@ class _BatchIterator(grain.DatasetIterator):
                 continue
             if packing.example_length(ex) > self._ds.max_len or not fits(ex, self._ds.speech):
                 self._counts["dropped_too_long"] += 1
+                c = self._counts
+                if c["dropped_too_long"] >= TOO_LONG_GRACE and c["examples"] == 0:
+                    raise ValueError(f"the first {c['dropped_too_long']} examples are all longer "
+                                     f"than seq_len={self._ds.max_len} tokens (the latest: "
+                                     f"{packing.example_length(ex)}) or than the speech target "
+                                     f"lengths; raise data.seq_len / data.speech")
                 continue
             return state, index, ex
 

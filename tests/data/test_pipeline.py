@@ -75,6 +75,20 @@ def test_buckets_give_only_configured_shapes_and_drop_overlong():
     assert it.metrics()["data/dropped_too_long"] == len(recs) - len(keep) > 0
 
 
+def test_all_examples_too_long_fails_instead_of_hanging():
+    """Every record longer than seq_len: a clear error after TOO_LONG_GRACE drops, not a loop
+    that never yields (a repeating source would spin forever)."""
+    from omni_jax.data.pipeline import TOO_LONG_GRACE
+
+    recs = _records(0, 40, 100, 120)
+    cfg = _config((1.0,), batch_size=4, seq_buckets=(16, 32, 64))  # repeats forever
+    it = iter(make_dataset(cfg, _encode, sources={"s0": recs}, process_index=0,
+                           process_count=1))
+    with pytest.raises(ValueError, match=f"the first {TOO_LONG_GRACE} examples are all longer "
+                                         "than seq_len=64"):
+        next(it)
+
+
 @pytest.mark.parametrize("use_packing", [False, True])
 def test_iterator_state_resumes_exactly(use_packing):
     srcs = {"s0": _records(0, 50, 2, 40), "s1": _records(1, 30, 2, 40)}

@@ -1,0 +1,124 @@
+"""The omni_digits demo: Ola-style progressive modality alignment, then OpenOmni-style speech out,
+on the small demo model (omni_jax/configs/models/demo.py), trained from scratch.
+
+No pretrained towers exist offline, so unlike Ola (frozen pretrained SigLIP / Whisper) every
+tower trains here, from random init, together with the LLM:
+  1 image_text  image_caption + image_qa: LLM + image tower + image projector
+  2 speech      speech_asr + spoken_image_qa (+ self-listening ASR, below), image data
+                replayed: LLM + audio tower + audio projector (+ image tower at a lower LR)
+  3 video       video_qa + video_spoken_qa joining all earlier data replayed: LLM + video
+                projector + image tower (shared by video) + audio projector
+  4 speech_gen  CTC speech generator on speech_response units (everything else frozen)
+  5 speech_dpo  DPO of the generator: expressive (chosen) vs neutral (rejected) renderings
+Self-listening ASR (`speech_self_asr`, not an omni_digits task): the train split's
+speech_response answers voiced by the dataset's unit vocoder from their reference units, with
+the ASR prompt; the demo CLI writes it. It teaches the model to hear its own (vocoded) voice,
+which the speech round trip of the evaluation needs: user speech is espeak voices, the model's
+is the vocoder's. `units=N`: the dataset's unit vocabulary (full: 64, small: 32).
+
+  python -m omni_jax.cli.demo --workdir runs/demo            # data, tokenizer, train, eval
+  python -m omni_jax.cli.train --config omni_jax/configs/recipes/demo.py:units=64 \
+      --workdir runs/demo/train --config.data_root=runs/demo/data/train \
+      --config.tokenizer.path=runs/demo/data/spm.model \
+      --config.speech_units.dir=runs/demo/data/train/units
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import ml_collections
+
+from omni_jax.configs import common
+
+ORDER = ("image_text", "speech", "video", "speech_gen", "speech_dpo")
+SELF_ASR = "speech_self_asr"  # the CLI's self-listening manifest (module doc)
+# static padded lengths of a spoken answer: text tokens (<= 9), units (25 Hz, <= 61)
+SPEECH_LENGTHS = {"text_len": 16, "units_len": 64}
+# steps per stage (full data) and per-stage sequence lengths (prompt + answer, no packing)
+STEPS = {"image_text": 300, "speech": 300, "video": 300, "speech_gen": 200, "speech_dpo": 80}
+SEQ = {"image_text": 80, "speech": 96, "video": 160, "speech_out": 80}
+BATCH = 32
+LR = 2e-3
+
+
+def self_asr(weight: float) -> dict[str, dict[str, Any]]:
+    return {SELF_ASR: {"kind": "jsonl", "path": f"{SELF_ASR}.jsonl", "weight": float(weight),
+                       "modalities": ("audio",)}}
+
+
+def _model(units: int) -> ml_collections.ConfigDict:
+    from omni_jax.speech.config import speech_preset
+
+    model = importlib.import_module("omni_jax.configs.models.demo").get_config("mlp")
+    llm = model.llm
+    model.speech = speech_preset("tiny", int(llm.hidden_size), mode="ctc",
+                                 text_vocab=int(llm.vocab_size), unit_vocab=units).to_dict()
+    return model
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = common.parse_arg(arg, {"units": "64", "steps": "1.0"})
+    try:
+        units, scale = int(a["units"]), float(a["steps"])
+    except ValueError as e:
+        raise ValueError(f"demo: units must be an int and steps a float, got {a}") from e
+    if units <= 0 or scale <= 0:
+        raise ValueError(f"demo: units and steps must be positive, got {a}")
+
+    def steps(name: str) -> int:
+        return max(2, round(STEPS[name] * scale))
+
+    base = dict(lr=LR, batch_size=BATCH, warmup_ratio=0.05, weight_decay=0.0, packing=False)
+    towers_lr = {"towers": common.lr_group("^image_encoder/", 0.3)}
+    stages = {
+        "image_text": common.stage(
+            description="image-text: LLM + image tower + projector (from scratch)",
+            trainable=["^llm/", "^image_encoder/", "^image_adapter/"],
+            sources=common.mixture(image_caption=1.0, image_qa=3.0),
+            steps=steps("image_text"), seq_len=SEQ["image_text"], **base),
+        "speech": common.stage(
+            description="+ speech: ASR, spoken image QA, self-listening ASR; image replayed",
+            trainable=["^llm/", "^audio_encoder/", "^audio_adapter/", "^image_encoder/",
+                       "^image_adapter/"], lr_groups=towers_lr,
+            sources=common.mixture(speech_asr=2.0, spoken_image_qa=2.0, image_qa=1.0,
+                                   image_caption=0.25) | self_asr(1.0),
+            steps=steps("speech"), seq_len=SEQ["speech"], **base),
+        "video": common.stage(
+            description="+ video: video QA, spoken video QA; every earlier source replayed",
+            trainable=["^llm/", "^video_adapter/", "^image_encoder/", "^image_adapter/",
+                       "^audio_adapter/"], lr_groups=towers_lr,
+            sources=common.mixture(video_qa=3.0, video_spoken_qa=2.0, image_qa=0.75,
+                                   spoken_image_qa=0.75, speech_asr=0.75,
+                                   image_caption=0.1) | self_asr(0.5),
+            steps=steps("video"), seq_len=SEQ["video"], **base),
+        "speech_gen": common.stage(
+            description="speech generation (CTC): the speech generator only (LLM frozen)",
+            trainable=["^speech/"], sources=common.mixture(speech_response=1.0),
+            losses={"ctc": 1.0}, steps=steps("speech_gen"), seq_len=SEQ["speech_out"],
+            speech=SPEECH_LENGTHS, **base),
+        "speech_dpo": common.stage(
+            description="emotional speech DPO: the generator vs its frozen copy",
+            trainable=["^speech/"], sources=common.mixture(speech_dpo=1.0),
+            losses={"dpo": {"weight": 1.0, "beta": 0.1}}, steps=steps("speech_dpo"),
+            seq_len=SEQ["speech_out"], speech=SPEECH_LENGTHS, **{**base, "lr": 5e-4}),
+    }
+    c = ml_collections.ConfigDict()
+    c.recipe, c.model_name = "demo", "demo"
+    c.model = _model(units)
+    c.data_root = "data"
+    c.tokenizer = {"path": "", "kind": "sentencepiece"}
+    c.text_only = False
+    c.speech_units = {"dir": ""}
+    c.audio_features = {"n_mels": c.model.audio.encoder_config.num_mel_bins,
+                        "chunk_seconds": c.model.audio.num_frames // 100}
+    c.init = {"llm": "", "image": "", "video": "", "audio": "", "speech": ""}
+    c.train = common.trainer_defaults()
+    c.train.log_every = 25
+    c.train.checkpoint.every_steps = 10_000  # the final checkpoint only (short stages)
+    c.train.checkpoint.async_save = False
+    c.loss_modules = ()
+    c.stage_order = ORDER
+    c.stages = ml_collections.ConfigDict(stages)
+    return c
