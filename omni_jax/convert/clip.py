@@ -19,12 +19,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from omni_jax.convert import siglip
-from omni_jax.convert.io import check_tensors, read_config, read_tensors, write_checkpoint
+from omni_jax.convert.io import read_config, read_tensors, write_checkpoint
 from omni_jax.encoders.vision import SiglipVisionConfig
 
 # transformers' CLIPVisionConfig defaults: hub config.json files omit keys left at default.
@@ -115,27 +113,15 @@ def import_clip_vision(path: str, **overrides: Any) -> tuple[SiglipVisionConfig,
     """HF CLIP (vision) directory -> (config, {"params": ...}) of numpy arrays in the stored
     dtypes. Missing, unexpected or wrong-shape tensors raise one ValueError listing them all."""
     config = config_from_hf(read_config(path), **overrides)
-    tensors = {(k[len(_PREFIX):] if k.startswith(_PREFIX) else k): v
-               for k, v in _read_weights(path).items()}
-    entries = layout(config)
-    check_tensors(tensors, {e[0]: e[2] for e in entries}, "CLIP vision",
-                  ignore_unexpected=_IGNORED)
-    flat = {fx: to_flax(np.asarray(tensors[hf])) for hf, fx, _, to_flax, _ in entries}
-    return config, {"params": unflatten_dict(flat)}
+    return config, siglip.params_from_tensors(layout(config), _read_weights(path),
+                                              "CLIP vision", _IGNORED)
 
 
 def export_clip_vision(config: SiglipVisionConfig, params: Mapping[str, Any],
                        out_dir: str) -> None:
     """Write `params` (the {"params": ...} variables or the params tree, boxed or not) as a
     directory `transformers.CLIPVisionModel.from_pretrained` loads, tensors unchanged."""
-    params = nn.meta.unbox(dict(params))
-    if set(params) == {"params"}:
-        params = params["params"]
-    entries = layout(config)
-    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
-    expected = {"/".join(fx): to_flax(np.empty(shape, np.int8)).shape
-                for _, fx, shape, to_flax, _ in entries}
-    check_tensors(flat, expected, "omni_jax CLIP vision params")
-    tensors = {_PREFIX + hf: to_hf(flat["/".join(fx)]) for hf, fx, _, _, to_hf in entries}
+    tensors = {_PREFIX + hf: v for hf, v in siglip.tensors_from_params(
+        layout(config), params, "omni_jax CLIP vision params").items()}
     dtype = str(tensors[_PREFIX + "embeddings.position_embedding.weight"].dtype)
     write_checkpoint(out_dir, {**config_to_hf(config), "dtype": dtype}, tensors)

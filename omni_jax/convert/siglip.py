@@ -110,27 +110,37 @@ def import_siglip_vision(path: str, **overrides: Any) -> tuple[SiglipVisionConfi
     Missing, unexpected or wrong-shape tensors raise one ValueError listing them all.
     """
     config = config_from_hf(read_config(path), **overrides)
-    tensors = {(k[len(_PREFIX):] if k.startswith(_PREFIX) else k): v
-               for k, v in read_tensors(path).items()}
-    entries = layout(config)
-    check_tensors(tensors, {e[0]: e[2] for e in entries}, "SigLIP vision",
-                  ignore_unexpected=_IGNORED)
+    return config, params_from_tensors(layout(config), read_tensors(path), "SigLIP vision",
+                                       _IGNORED)
+
+
+def params_from_tensors(entries: list[Entry], tensors: Mapping[str, np.ndarray], what: str,
+                        ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """HF tensors (a leading "vision_model." dropped) -> {"params": tree} along a layout;
+    missing, unexpected (outside `ignore`) or wrong-shape tensors: one ValueError."""
+    tensors = {(k[len(_PREFIX):] if k.startswith(_PREFIX) else k): v for k, v in tensors.items()}
+    check_tensors(tensors, {e[0]: e[2] for e in entries}, what, ignore_unexpected=ignore)
     flat = {fx: to_flax(np.asarray(tensors[hf])) for hf, fx, _, to_flax, _ in entries}
-    return config, {"params": unflatten_dict(flat)}
+    return {"params": unflatten_dict(flat)}
+
+
+def tensors_from_params(entries: list[Entry], params: Mapping[str, Any], what: str
+                        ) -> dict[str, np.ndarray]:
+    """{"params": tree} or the tree (boxed or not) -> HF tensors along a layout, unchanged."""
+    params = nn.meta.unbox(dict(params))
+    if set(params) == {"params"}:
+        params = params["params"]
+    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
+    expected = {"/".join(fx): to_flax(np.empty(shape, np.int8)).shape
+                for _, fx, shape, to_flax, _ in entries}
+    check_tensors(flat, expected, what)
+    return {hf: to_hf(flat["/".join(fx)]) for hf, fx, _, _, to_hf in entries}
 
 
 def export_siglip_vision(config: SiglipVisionConfig, params: Mapping[str, Any],
                          out_dir: str) -> None:
     """Write `params` (the {"params": ...} variables or the params tree, boxed or not) as a
     directory `transformers.SiglipVisionModel.from_pretrained` loads, tensors unchanged."""
-    params = nn.meta.unbox(dict(params))
-    if set(params) == {"params"}:
-        params = params["params"]
-    entries = layout(config)
-    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
-    expected = {"/".join(fx): to_flax(np.empty(shape, np.int8)).shape
-                for _, fx, shape, to_flax, _ in entries}
-    check_tensors(flat, expected, "omni_jax SigLIP vision params")
-    tensors = {hf: to_hf(flat["/".join(fx)]) for hf, fx, _, _, to_hf in entries}
+    tensors = tensors_from_params(layout(config), params, "omni_jax SigLIP vision params")
     dtype = str(tensors["embeddings.position_embedding.weight"].dtype)
     write_checkpoint(out_dir, {**config_to_hf(config), "dtype": dtype}, tensors)
