@@ -265,17 +265,7 @@ def export_beats(config: BEATsConfig, params: Mapping[str, Any],
 
 def load_native_beats(path: str) -> tuple[BEATsConfig, dict[str, Any]]:
     """Read a native dir written by registry.save_native(kind=NATIVE_KIND)."""
-    import json
+    from omni_jax.convert.registry import read_native
 
-    import orbax.checkpoint as ocp
-
-    meta_file = os.path.join(os.path.abspath(path), "omni_jax.json")
-    if not os.path.isfile(meta_file):
-        raise ValueError(f"{path!r} is not an omni_jax checkpoint: no omni_jax.json")
-    with open(meta_file) as f:
-        info = json.load(f)
-    if info.get("kind") != NATIVE_KIND:
-        raise ValueError(f"{meta_file}: kind {info.get('kind')!r} is not {NATIVE_KIND!r}")
-    with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(os.path.join(os.path.abspath(path), "params"))
-    return BEATsConfig.from_dict(info["config"]), params
+    meta, params = read_native(path, NATIVE_KIND)
+    return BEATsConfig.from_dict(meta["config"]), params

@@ -327,15 +327,7 @@ def save_ola(out_dir: str, config: OmniConfig, params: dict[str, Any],
 
 def load_ola(path: str) -> tuple[OmniConfig, dict[str, Any]]:
     """Read a native `ola` checkpoint -> (OmniConfig, {"params": ...})."""
-    import orbax.checkpoint as ocp
+    from omni_jax.convert.registry import read_native
 
-    path = fs.abspath(path)
-    meta_file = fs.join(path, NATIVE_META)
-    if not fs.isfile(meta_file):
-        raise ValueError(f"{path!r} is not an omni_jax checkpoint: no {NATIVE_META}")
-    meta = json.loads(fs.read_text(meta_file))
-    if meta.get("kind") != NATIVE_KIND:
-        raise ValueError(f"{meta_file}: kind {meta.get('kind')!r} is not {NATIVE_KIND!r}")
-    with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(fs.join(path, "params"))
+    meta, params = read_native(path, NATIVE_KIND)
     return OmniConfig.from_dict(meta["config"]), _np(params)

@@ -422,15 +422,7 @@ def export_openomni(config: SpeechGenConfig, variables: Mapping[str, Any], out_p
 
 def load_native_openomni(path: str) -> tuple[SpeechGenConfig, dict[str, Any]]:
     """Read a native dir written by registry.save_native(kind=NATIVE_KIND)."""
-    import orbax.checkpoint as ocp
+    from omni_jax.convert.registry import read_native
 
-    meta_file = os.path.join(os.path.abspath(path), "omni_jax.json")
-    if not os.path.isfile(meta_file):
-        raise ValueError(f"{path!r} is not an omni_jax checkpoint: no omni_jax.json")
-    with open(meta_file) as f:
-        meta = json.load(f)
-    if meta.get("kind") != NATIVE_KIND:
-        raise ValueError(f"{meta_file}: kind {meta.get('kind')!r} is not {NATIVE_KIND!r}")
-    with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(os.path.join(os.path.abspath(path), "params"))
+    meta, params = read_native(path, NATIVE_KIND)
     return SpeechGenConfig.from_dict(meta["config"]), params

@@ -128,6 +128,23 @@ def load_native(path: str) -> tuple[str, Any, dict[str, Any], dict[str, Any] | N
     return kind, config, _to_numpy(params), meta.get("hf_config")
 
 
+def read_native(path: str, kind: str) -> tuple[dict[str, Any], Any]:
+    """(omni_jax.json contents, params tree) of a native directory that must hold `kind` (the
+    converters with their own config parsing: openomni_speech, beats_encoder, ola)."""
+    import orbax.checkpoint as ocp
+
+    path = fs.abspath(path)
+    meta_file = fs.join(path, NATIVE_META)
+    if not fs.isfile(meta_file):
+        raise ValueError(f"{path!r} is not an omni_jax checkpoint: no {NATIVE_META}")
+    meta = json.loads(fs.read_text(meta_file))
+    if meta.get("kind") != kind:
+        raise ValueError(f"{meta_file}: kind {meta.get('kind')!r} is not {kind!r}")
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(fs.join(path, "params"))
+    return meta, params
+
+
 def native_meta(path: str) -> tuple[str, Any]:
     """(kind, config) of a native checkpoint directory, without reading its tensors."""
     meta_file = fs.join(fs.abspath(path), NATIVE_META)
