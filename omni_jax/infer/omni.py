@@ -44,6 +44,31 @@ def user_record(text: str, *, images: Sequence[Any] = (), videos: Sequence[Any] 
     return {"messages": messages, **{_RECORD_MEDIA[m]: v for m, v in media.items() if v}}
 
 
+def ola_user_record(question: str | None = None, *, images: Sequence[Any] = (),
+                    speech: Sequence[Any] = (), videos: Sequence[Any] = (),
+                    system: str = "You are a helpful assistant.") -> dict[str, Any]:
+    """A user turn laid out as Ola's inference code writes it (SEEDS): `<image>\n{q}`,
+    `<speech>\n{q}`, and for an image with a spoken question `<image>\nUser's question in
+    speech: <speech>\n`; placeholders are filled in text order (Ola's code fills images first,
+    then speech, whatever the order: the same here because images come first)."""
+    if not images and not speech and not videos and not question:
+        raise ValueError("ola_user_record: give a question, media or both")
+    if speech and images and question:
+        raise ValueError("ola_user_record: with an image and a spoken question the question is "
+                         "the speech; give question=None")
+    visual = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+    audio = [{"type": "audio"} for _ in speech]
+    if visual and audio:  # image (or video) + spoken question
+        parts = [*visual, {"type": "text", "text": "\nUser's question in speech: "}, *audio,
+                 {"type": "text", "text": "\n"}]
+    else:
+        parts = [*(visual or audio), {"type": "text", "text": "\n" + (question or "")}]
+    media = {"images": list(images), "videos": list(videos), "audios": list(speech)}
+    return {"messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": parts}],
+            **{k: v for k, v in media.items() if v}}
+
+
 def prompt_from_record(encoder: Any, record: Mapping[str, Any],
                        media: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Omni record ending in a user turn -> a batch of one prompt: input_ids / modality

@@ -225,3 +225,23 @@ def test_cli_reports_errors(ola, capsys):
     rc = cli.main(["import-ola", str(d / "ola"), "--whisper", str(d / "nope.pt"), "--beats",
                    str(d / "BEATs.pt"), str(d / "x"), "--vision-heads", str(HEADS)])
     assert rc == 2 and "nope.pt" in capsys.readouterr().err
+
+
+def test_ola_prompt_layout():
+    """Ola's inference prompt (SEEDS): `<image>\\n{q}`, `<speech>\\n{q}`, and an image with a
+    spoken question as `<image>\\nUser's question in speech: <speech>\\n`, system turn first."""
+    from omni_jax.infer.omni import ola_user_record
+
+    rec = ola_user_record(images=["a.png"], speech=["q.wav"])
+    sys_turn, user = rec["messages"]
+    assert sys_turn == {"role": "system", "content": "You are a helpful assistant."}
+    assert [p["type"] for p in user["content"]] == ["image", "text", "audio", "text"]
+    assert user["content"][1]["text"] == "\nUser's question in speech: "
+    assert rec["images"] == ["a.png"] and rec["audios"] == ["q.wav"]
+    rec = ola_user_record("What is it?", images=["a.png"])
+    assert rec["messages"][1]["content"] == [{"type": "image"},
+                                             {"type": "text", "text": "\nWhat is it?"}]
+    rec = ola_user_record("Answer.", speech=["q.wav"])
+    assert [p["type"] for p in rec["messages"][1]["content"]] == ["audio", "text"]
+    with pytest.raises(ValueError, match="the question is the speech"):
+        ola_user_record("q", images=["a.png"], speech=["q.wav"])
