@@ -21,9 +21,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax.core import meta
 
 from omni_jax.convert.io import check_tensors
+from omni_jax.convert.tree import export_by_rules
 from omni_jax.encoders.beats import ACTIVATIONS, BEATsConfig
 from omni_jax.layers.common import parse_dtype
 
@@ -200,19 +200,7 @@ def unilm_to_params(c: BEATsConfig, tensors: Mapping[str, np.ndarray]) -> dict[s
 
 def params_to_unilm(c: BEATsConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Our params tree -> unilm state dict arrays (float32; table under every layer)."""
-    params = meta.unbox(params)
-    out: dict[str, np.ndarray] = {}
-    for key, path, _, to_unilm, shape in _rules(c):
-        node: Any = params
-        for p in path:
-            if not isinstance(node, Mapping) or p not in node:
-                raise ValueError(f"BEATs params: missing {'/'.join(path)}")
-            node = node[p]
-        w = to_unilm(np.asarray(node, np.float32))
-        if w.shape != shape:
-            raise ValueError(f"BEATs params: {'/'.join(path)} gives {key} of shape {w.shape}, "
-                             f"expected {shape}")
-        out[key] = w
+    out = export_by_rules(params, _rules(c), "BEATs")
     for key in _shared_tables(c):
         out[key] = out[_TABLE0]
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -35,4 +36,25 @@ def unstack_layers(params: dict[str, Any], num_layers: int,
     flat = flatten(params[prefix])
     for i in range(num_layers):
         out[f"{prefix}_{i}"] = unflatten({k: np.asarray(v)[i] for k, v in flat.items()})
+    return out
+
+
+def export_by_rules(params: Any, rules: Any, what: str) -> dict[str, Any]:
+    """Params tree -> {checkpoint key: float32 array} along converter rules
+    (key, tree path, _, to_checkpoint, shape); ValueError naming a missing or misshaped one."""
+    from flax.core import meta
+
+    params = meta.unbox(params)
+    out = {}
+    for key, path, _, convert, shape in rules:
+        node: Any = params
+        for p in path:
+            if not isinstance(node, Mapping) or p not in node:
+                raise ValueError(f"{what} params: missing {'/'.join(path)}")
+            node = node[p]
+        w = convert(np.asarray(node, np.float32))
+        if w.shape != shape:
+            raise ValueError(f"{what} params: {'/'.join(path)} gives {key} of shape "
+                             f"{w.shape}, expected {shape}")
+        out[key] = w
     return out

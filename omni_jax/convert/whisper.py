@@ -22,9 +22,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax.core import meta
 
 from omni_jax.convert.io import check_tensors, read_config, read_tensors, write_checkpoint
+from omni_jax.convert.tree import export_by_rules
 from omni_jax.encoders.audio import WhisperEncoderConfig
 from omni_jax.layers.common import parse_dtype
 
@@ -131,20 +131,7 @@ def hf_to_params(c: WhisperEncoderConfig, tensors: Mapping[str, np.ndarray]) -> 
 
 def params_to_hf(c: WhisperEncoderConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Our params tree -> encoder tensors (no prefix), float32; ValueError on missing params."""
-    params = meta.unbox(params)
-    out = {}
-    for key, path, _, to_hf, shape in _rules(c):
-        node: Any = params
-        for p in path:
-            if not isinstance(node, Mapping) or p not in node:
-                raise ValueError(f"Whisper encoder params: missing {'/'.join(path)}")
-            node = node[p]
-        w = to_hf(np.asarray(node, np.float32))
-        if w.shape != shape:
-            raise ValueError(f"Whisper encoder params: {'/'.join(path)} gives {key} of shape "
-                             f"{w.shape}, expected {shape}")
-        out[key] = w
-    return out
+    return export_by_rules(params, _rules(c), "Whisper encoder")
 
 
 def import_whisper_encoder(path: str, dtype: str = "float32"
