@@ -70,21 +70,28 @@ def build_data(data_dir: str, config: str, echo: Callable[[str], None] = print) 
 
 
 def train_tokenizer(train_dir: str, vocab_size: int, out_prefix: str) -> str:
-    """A SentencePiece model on every train-split conversation's text -> the .model path."""
+    """A SentencePiece model on every train-split conversation as the chat template renders it
+    (role names and the default system turn included, media parts left out) -> the .model path.
+    Bare message texts alone would leave "system" / "assistant" / the system prompt spelled
+    letter by letter: ~20 extra tokens in every training sequence."""
+    from omni_jax.data.template import TemplateConfig
     from omni_jax.data.tokenizer import train_sentencepiece
 
     path = out_prefix + ".model"
     if os.path.isfile(path):
         return path
+    system = TemplateConfig().default_system_prompt
     texts = []
     for name in sorted(os.listdir(train_dir)):
         if name.endswith(".jsonl"):
             with open(os.path.join(train_dir, name)) as f:
                 for line in f:
+                    turns = [] if system is None else [("system", system)]
                     for m in json.loads(line)["messages"]:
                         c = m["content"]
-                        texts += [c] if isinstance(c, str) else [
-                            p["text"] for p in c if p.get("type") == "text"]
+                        turns.append((m["role"], c if isinstance(c, str) else "".join(
+                            p["text"] for p in c if p.get("type") == "text")))
+                    texts += [f"<|im_start|>{role}\n{text}<|im_end|>" for role, text in turns]
     texts.append(SELF_ASR_PROMPT)
     return str(train_sentencepiece(texts, vocab_size, out_prefix))
 
