@@ -61,6 +61,23 @@ def accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str,
     return {"accuracy": correct / n if n else 0.0, "correct": int(correct), "count": n}
 
 
+def prior_baseline(questions: Sequence[str], references: Sequence[str]
+                   ) -> dict[str, float | int]:
+    """The chance level of a QA set: the exact-match accuracy of a media-blind answerer that
+    gives, for each distinct question, its most frequent reference in this very set (an upper
+    bound on what the question alone buys) -> {"accuracy", "correct", "count"}."""
+    if len(questions) != len(references):
+        raise ValueError(f"prior_baseline: {len(questions)} questions for {len(references)} "
+                         f"references; expected one per reference")
+    by_q: dict[str, dict[str, int]] = {}
+    for q, r in zip(questions, references):
+        counts = by_q.setdefault(normalize_answer(q), {})
+        counts[normalize_answer(r)] = counts.get(normalize_answer(r), 0) + 1
+    correct = sum(max(c.values()) for c in by_q.values())
+    n = len(references)
+    return {"accuracy": correct / n if n else 0.0, "correct": int(correct), "count": n}
+
+
 def word_edits(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
     """Word-level Levenshtein distance (substitution, insertion, deletion: cost 1 each)."""
     ref, hyp = list(reference), list(hypothesis)

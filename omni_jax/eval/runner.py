@@ -387,12 +387,14 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, stage: str |
 
 
 def format_report(report: Mapping[str, Any]) -> str:
-    """The report as a table: stage, metric, value, count (+ a skipped-records line)."""
-    lines = [f"{'stage':<16} {'metric':<28} {'value':>8} {'count':>6}"]
+    """The report as a table: stage, metric, value, count, chance (QA: the media-blind
+    answerer's accuracy, metrics.prior_baseline) (+ a skipped-records line)."""
+    lines = [f"{'stage':<16} {'metric':<28} {'value':>8} {'count':>6} {'chance':>8}"]
     for name, m in report["metrics"].items():
-        v = m.get("value")
+        v, ch = m.get("value"), m.get("chance")
         lines.append(f"{report['stage']:<16} {name:<28} "
-                     f"{'n/a' if v is None else format(v, '.4f'):>8} {m.get('count', 0):>6}")
+                     f"{'n/a' if v is None else format(v, '.4f'):>8} {m.get('count', 0):>6} "
+                     f"{'' if ch is None else format(ch, '.4f'):>8}")
     r = report["records"]
     lines.append(f"{report['stage']}: {r['evaluated']} record(s) evaluated, {r['skipped']} "
                  f"skipped" + (" (see 'skipped' in the JSON)" if r["skipped"] else ""))

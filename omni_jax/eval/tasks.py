@@ -206,9 +206,29 @@ def _answers(prepared: Sequence[Prepared], predictions: Sequence[str],
             for p, a, r in zip(prepared, predictions, refs)]
 
 
+def question_text(record: Mapping[str, Any]) -> str:
+    """A QA record's question: `question_text` (spoken questions) or the last user turn's text."""
+    if record.get("question_text"):
+        return str(record["question_text"])
+    user = [m for m in record.get("messages", ()) if m.get("role") == "user"]
+    content = user[-1]["content"] if user else ""
+    return content if isinstance(content, str) else " ".join(
+        p.get("text", "") for p in content if p.get("type") == "text")
+
+
 def _accuracy(task: str, prepared: Sequence[Prepared], answers: Sequence[str]) -> dict:
-    acc = M.accuracy(answers, [p.reference for p in prepared])
+    """Exact-match accuracy, with the set's chance level (M.prior_baseline) and per question."""
+    refs = [p.reference for p in prepared]
+    questions = [question_text(p.item.record) for p in prepared]
+    acc = M.accuracy(answers, refs)
+    by_question: dict[str, list[int]] = {}
+    for q, a, r in zip(questions, answers, refs):
+        c = by_question.setdefault(q, [0, 0])
+        c[0], c[1] = c[0] + int(M.exact_match(a, r)), c[1] + 1
     return {"task": task, "value": acc["accuracy"], **acc,
+            "chance": M.prior_baseline(questions, refs)["accuracy"],
+            "by_question": {q: {"accuracy": c / n, "count": n}
+                            for q, (c, n) in sorted(by_question.items())},
             "answers": _answers(prepared, answers)}
 
 

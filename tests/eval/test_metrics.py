@@ -37,6 +37,22 @@ def test_exact_match_and_accuracy():
         M.accuracy(["a"], ["a", "b"])
 
 
+def test_prior_baseline_is_the_best_media_blind_answer_per_question():
+    qs = ["What digit is this?"] * 4 + ["Is this digit even?"] * 3 + ["What digit is this"]
+    refs = ["one", "seven", "seven", "two", "yes", "no", "yes", "Seven."]
+    # "what digit is this" (5 records, punctuation normalised): "seven" x3; even?: "yes" x2
+    assert M.prior_baseline(qs, refs) == {"accuracy": 5 / 8, "correct": 5, "count": 8}
+    rng = np.random.default_rng(0)  # brute force: the best constant answer per question
+    qs = [f"q{i}" for i in rng.integers(0, 3, 200)]
+    refs = [f"a{i}" for i in rng.integers(0, 4, 200)]
+    best = sum(max(sum(q == qq and r == a for q, r in zip(qs, refs)) for a in set(refs))
+               for qq in set(qs))
+    assert M.prior_baseline(qs, refs)["correct"] == best
+    assert M.prior_baseline([], [])["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="2 questions for 1 references"):
+        M.prior_baseline(["a", "b"], ["a"])
+
+
 def _brute_edits(a: tuple, b: tuple) -> int:
     """Edit distance by the plain recursion (an independent implementation)."""
     @functools.cache
