@@ -135,6 +135,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
         if losses:
             echo(f"stage {plan.name}: loss {losses[0][1]:.4f} (step {losses[0][0]}) -> "
                  f"{losses[-1][1]:.4f} (step {losses[-1][0]})")
+        data = it.metrics() if hasattr(it, "metrics") else {}
+        if data.get("data/dropped_too_long"):  # silently lost records would bias the mixture
+            n, kept = int(data["data/dropped_too_long"]), int(data.get("data/examples", 0))
+            echo(f"stage {plan.name}: WARNING {n} of {n + kept} examples dropped as longer than "
+                 f"seq_len={plan.data.get('seq_len')} tokens (raise data.seq_len)")
         if step < plan.trainer_config.steps:
             echo(f"stage {plan.name}: stopped at step {step} (signal); re-run to resume")
             status[plan.name] = "interrupted"
