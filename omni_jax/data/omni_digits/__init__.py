@@ -3,7 +3,7 @@
     from omni_jax.data.omni_digits import prepare, write_manifests
     builder = prepare("small", data_dir)                 # array_record, no TensorFlow
     paths = write_manifests(builder, out_dir, "train")   # JSONL manifests + media files
-CLI: python -m omni_jax.data.omni_digits.export --out DIR --config small|full [--data_dir D]
+CLI: python -m omni_jax.data.omni_digits.export --out DIR --config small|ci|full [--data_dir D]
 
 Modules: voices (espeak-ng voices, splits, styles, renderer), tasks (record generators),
 builder (the TFDS builder), export (manifests). Names resolve lazily (tfds imports on use).

@@ -34,22 +34,28 @@ UNITS_SUBDIR = "units"
 @dataclasses.dataclass(eq=False)
 class OmniDigitsConfig(tfds.core.BuilderConfig):
     """max_images: image caps per split (train, validation, test; 0 = all); max_per_task:
-    records per task cap (0 = none); unit tokenizer vocab / frame rate; seed."""
+    records per task cap (0 = none) except for the `uncapped` tasks; unit tokenizer vocab /
+    frame rate; seed."""
 
     max_images: tuple[int, int, int] = (0, 0, 0)
     max_per_task: int = 0
+    uncapped: tuple[str, ...] = ()
     unit_vocab: int = 64
     unit_frame_rate: int = 25
     seed: int = 0
 
     def plans(self) -> dict[str, T.SplitPlan]:
         caps = dict(zip(V.SPLITS, self.max_images, strict=True))
-        return T.make_plans(caps, self.max_per_task, self.seed)
+        return T.make_plans(caps, self.max_per_task, self.seed, self.uncapped)
 
 
 CONFIGS = (
     OmniDigitsConfig(name="small", description="A few records per task (tests).",
                      max_images=(20, 10, 10), max_per_task=4, unit_vocab=32),
+    OmniDigitsConfig(name="ci", description="Every image task on 400 train images, a few "
+                     "records of the others (the shortened-curriculum test).",
+                     max_images=(400, 10, 80), max_per_task=4, unit_vocab=32,
+                     uncapped=("image_caption", "image_qa")),
     OmniDigitsConfig(name="full", description="All 1,797 digit images."),
 )
 CONFIG_NAMES = tuple(c.name for c in CONFIGS)

@@ -14,7 +14,7 @@ frame paths per video) / "audios", relative to the manifest; speech tasks add
 Each manifest is read back with omni_jax.data.sources.JsonlSource(on_corrupt="raise").
 
 CLI (builds the dataset first when needed, then exports every split to OUT/<split>/):
-    python -m omni_jax.data.omni_digits.export --out DIR --config small|full [--data_dir D]
+    python -m omni_jax.data.omni_digits.export --out DIR --config small|ci|full [--data_dir D]
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m omni_jax.data.omni_digits.export",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory (one subdir per split)")
-    p.add_argument("--config", default="small", help="small | full")
+    p.add_argument("--config", default="small", help="small | ci | full")
     p.add_argument("--data_dir", default=None, help="TFDS data_dir (default: OUT/tfds)")
     p.add_argument("--image_scale", type=int, default=8, help="PNG upscaling of the 8x8 digits")
     args = p.parse_args(argv)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -137,11 +137,15 @@ class SplitPlan:
 
 
 def make_plans(max_images: Mapping[str, int] | None = None, max_per_task: int = 0,
-               seed: int = 0) -> dict[str, SplitPlan]:
+               seed: int = 0, uncapped: Sequence[str] = ()) -> dict[str, SplitPlan]:
     """Plans of train / validation / test. max_images: per-split image caps (a prefix of the
-    split's images; absent or 0 = all); max_per_task: records per task cap (0 = none)."""
+    split's images; absent or 0 = all); max_per_task: records per task cap (0 = none), except
+    for the tasks named in `uncapped`."""
     if max_per_task < 0:
         raise ValueError(f"make_plans: max_per_task must be >= 0, got {max_per_task}")
+    if set(uncapped) - set(RATIOS):
+        raise ValueError(f"make_plans: uncapped must name tasks of {sorted(RATIOS)}, got "
+                         f"{list(uncapped)}")
     caps = dict(max_images or {})
     unknown = sorted(set(caps) - set(V.SPLITS))
     if unknown or any(int(v) < 0 for v in caps.values()):
@@ -154,7 +158,8 @@ def make_plans(max_images: Mapping[str, int] | None = None, max_per_task: int = 
             idx = idx[:caps[s]]
         counts = {t: math.ceil(r * idx.size) for t, r in RATIOS.items()}
         if max_per_task:
-            counts = {t: min(c, max_per_task) for t, c in counts.items()}
+            counts = {t: c if t in uncapped else min(c, max_per_task)
+                      for t, c in counts.items()}
         plans[s] = SplitPlan(s, tuple(int(i) for i in idx), V.voices(s), counts, seed)
     return plans
 
