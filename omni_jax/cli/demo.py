@@ -153,6 +153,8 @@ def evaluate(config: Any, train_dir: str, test_dir: str, out_dir: str, max_recor
                 json.dump(report, f, indent=1, default=str)
             echo(f"evaluated {stage} in {time.time() - t0:.0f} s")
         table[stage] = {k: m.get("value") for k, m in report["metrics"].items()}
+        table[stage].update({f"{k}_chance": m["chance"] for k, m in report["metrics"].items()
+                             if m.get("chance") is not None})
     return table
 
 
@@ -166,6 +168,11 @@ def format_table(table: Mapping[str, Mapping[str, float | None]]) -> str:
             v = row.get(m)
             cells.append(f"{'-' if v is None else f'{100 * v:.1f}%':>18}")
         lines.append(f"{stage:<12}" + "".join(cells))
+    chance = [next((row[f"{m}_chance"] for row in table.values() if f"{m}_chance" in row), None)
+              for m in cols]  # QA: the best media-blind answer per question (same records)
+    if any(c is not None for c in chance):
+        lines.append(f"{'(chance)':<12}" + "".join(
+            f"{'' if c is None else f'{100 * c:.1f}%':>18}" for c in chance))
     return "\n".join(lines)
 
 
