@@ -71,8 +71,8 @@ def prior_baseline(questions: Sequence[str], references: Sequence[str]
                          f"references; expected one per reference")
     by_q: dict[str, dict[str, int]] = {}
     for q, r in zip(questions, references):
-        counts = by_q.setdefault(normalize_answer(q), {})
-        counts[normalize_answer(r)] = counts.get(normalize_answer(r), 0) + 1
+        counts, answer = by_q.setdefault(normalize_answer(q), {}), normalize_answer(r)
+        counts[answer] = counts.get(answer, 0) + 1
     correct = sum(max(c.values()) for c in by_q.values())
     n = len(references)
     return {"accuracy": correct / n if n else 0.0, "correct": int(correct), "count": n}

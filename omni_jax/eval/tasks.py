@@ -211,9 +211,7 @@ def question_text(record: Mapping[str, Any]) -> str:
     if record.get("question_text"):
         return str(record["question_text"])
     user = [m for m in record.get("messages", ()) if m.get("role") == "user"]
-    content = user[-1]["content"] if user else ""
-    return content if isinstance(content, str) else " ".join(
-        p.get("text", "") for p in content if p.get("type") == "text")
+    return (_text(user[-1]["content"]) if user else None) or ""
 
 
 def _accuracy(task: str, prepared: Sequence[Prepared], answers: Sequence[str]) -> dict:
