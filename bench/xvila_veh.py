@@ -137,7 +137,7 @@ class Digits:
 
 # ---- training -------------------------------------------------------------------------------
 def train(model: XVilaLM, trainable: list[str], make_batch, steps: int, batch: int, lr: float,
-          seed: int) -> tuple[dict, list[float], float]:
+          seed: int, params: dict | None = None) -> tuple[dict, list[float], float]:
     """The trainer on `steps` batches of make_batch(step) -> (params, losses, seconds)."""
     c = default_config()
     c.batch_size, c.steps, c.progress_bar, c.tensorboard, c.seed = batch, steps, False, False, \
@@ -148,7 +148,8 @@ def train(model: XVilaLM, trainable: list[str], make_batch, steps: int, batch: i
     c.optim.end_lr_ratio = 0.1
     trainer = Trainer(c, model)
     first = make_batch(0)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), first))["params"]
+    if params is None:
+        params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), first))["params"]
     state = trainer.init_state(first, params=params)
     losses, t0 = [], time.time()
     for step in range(steps):

@@ -29,6 +29,7 @@ from omni_jax.layers.common import logical_init, parse_dtype
 from omni_jax.layers.mlp import GeluMLP
 
 HEAD, DECODER = "xvila_head", "image_decoder"  # their top-level param keys
+IN_SHIFT, IN_SCALE = "in_shift", "in_scale"  # the head's calibrated input statistics
 PARAM_KEYS = (HEAD, DECODER)
 
 
@@ -40,6 +41,13 @@ class XVilaHeadConfig(StrictConfig):
     llm_hidden: int = 32  # D: width of the LLM hidden states
     gen_tokens: int = 4  # K: generation tokens per requested image (template's count)
     proj_hidden: int | None = 128  # output projection: GELU MLP width (None: one Linear)
+    # standardise the generation-token states per (token, feature) with statistics calibrated
+    # on data (XVilaLM.calibrate): a random or small LLM's states at those positions barely
+    # vary (the prompt is ~1% of their spread) and a fresh projection cannot amplify that in
+    # a stage's steps; the statistics are params outside the trainable patterns (frozen)
+    input_norm: bool = True
+    input_norm_eps: float = 1e-6
+    calibration_batches: int = 4  # batches of the stage's data that calibrate them
     veh: bool = False  # append the visual embedding highway rows to the conditioning
     highway_dim: int = 8  # width of OmniModel's highway rows (HighwayConfig.out_dim)
     highway_tokens: int = 16  # P: highway rows per source image (its patch grid)
@@ -61,8 +69,11 @@ class XVilaHeadConfig(StrictConfig):
                        init_std=self.init_std)
         if self.proj_hidden is not None:
             check_positive(who, proj_hidden=self.proj_hidden)
-        if not isinstance(self.veh, bool):
-            raise ValueError(f"{who}.veh must be a bool, got {self.veh!r}")
+        for flag in ("veh", "input_norm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{who}.{flag} must be a bool, got {getattr(self, flag)!r}")
+        check_positive(who, input_norm_eps=self.input_norm_eps,
+                       calibration_batches=self.calibration_batches)
         if not isinstance(self.decoder, DecoderConfig):
             raise ValueError(f"{who}.decoder must be a DecoderConfig (or its dict), got "
                              f"{type(self.decoder).__name__}")
@@ -102,7 +113,12 @@ class XVilaHead(nn.Module):
             raise ValueError(f"XVilaHead: gen_hidden must be [batch, {c.gen_tokens}, "
                              f"{c.llm_hidden}], got {tuple(gen_hidden.shape)}")
         dt, pdt = parse_dtype(c.dtype), parse_dtype(c.param_dtype)
-        x = gen_hidden.astype(dt)
+        x = gen_hidden.astype(dt)  # [B, K, D]
+        if c.input_norm:  # identity until calibrated (shift 0, scale 1)
+            shape, axes = (c.gen_tokens, c.llm_hidden), (None, None)
+            shift = self.param(IN_SHIFT, logical_init(nn.initializers.zeros, axes), shape, pdt)
+            scale = self.param(IN_SCALE, logical_init(nn.initializers.ones, axes), shape, pdt)
+            x = (x - shift.astype(dt)[None]) * scale.astype(dt)[None]
         if c.proj_hidden is None:
             y = nn.Dense(width, dtype=dt, param_dtype=pdt,
                          kernel_init=nn.initializers.normal(c.init_std), name="out_proj")(x)
@@ -127,6 +143,16 @@ class XVilaHead(nn.Module):
         v = v + self._rows(c.highway_tokens, "veh_rows").astype(dt)[None]  # [B, P, cond_dim]
         vmask = jnp.broadcast_to(highway_valid.astype(bool)[:, None], (b, c.highway_tokens))
         return jnp.concatenate([cond, v], 1), jnp.concatenate([mask, vmask], 1)
+
+
+def input_stats(rows: Any, found: Any, eps: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Generation-token states [B, K, D] of the rows with k tokens (found [B]) -> (shift,
+    scale) [K, D]: mean and 1 / sqrt(variance + eps) over those rows; None with < 2 rows."""
+    x = np.asarray(rows, np.float64)[np.asarray(found, bool)]
+    if len(x) < 2:
+        return None
+    return (x.mean(0).astype(np.float32),
+            (1.0 / np.sqrt(x.var(0) + eps)).astype(np.float32))
 
 
 def check_gen_tokens(input_ids: Any, gen_id: int, k: int) -> np.ndarray:
@@ -216,6 +242,6 @@ def generate_images(config: XVilaHeadConfig, params: Mapping[str, Any], gen_hidd
                        rng, steps, guidance_scale, eta, config=config.decoder)
 
 
-__all__ = ["DECODER", "HEAD", "PARAM_KEYS", "XVilaHead", "XVilaHeadConfig", "check_gen_tokens",
-           "check_generation", "gather_gen_rows", "generate_images", "per_item_diffusion_loss",
-           "pick_highway"]
+__all__ = ["DECODER", "HEAD", "IN_SCALE", "IN_SHIFT", "PARAM_KEYS", "XVilaHead",
+           "XVilaHeadConfig", "check_gen_tokens", "check_generation", "gather_gen_rows",
+           "generate_images", "input_stats", "per_item_diffusion_loss", "pick_highway"]

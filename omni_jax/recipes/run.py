@@ -128,7 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
         if i == 0 and config.get("init"):  # stage 1 starts from the pretrained parts
             parts = functools.partial(load_init, config.init.to_dict(), omni)
         state = trainer.run(it, example_batch(plan), fs.join(workdir, plan.name), params=params,
-                            parts=parts)
+                            parts=parts, calibrate=calibrator(plan, encoder, trainer))
         step = int(jax.device_get(state["step"]))
         losses = [(k, m["train/loss/total"]) for k, m in getattr(trainer, "history", [])
                   if "train/loss/total" in m]
@@ -149,6 +149,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
         if ev.get("after_each_stage"):
             evaluate_after(config, workdir, plan.name, echo)
     return status
+
+
+def calibrator(plan: Any, encoder: Any, trainer: Any) -> Callable[[Any], Any] | None:
+    """For a model with data-calibrated statistics (XVilaLM's head input): params -> params
+    calibrated on the first batches of a fresh copy of the stage's stream (the training
+    stream's position is untouched); None for other models."""
+    from omni_jax.data.pipeline import make_dataset
+
+    model = plan.model
+    if not hasattr(model, "calibrate"):
+        return None
+
+    def calibrate(params: Any) -> Any:
+        if not model.needs_calibration(params):
+            return params
+        it = iter(make_dataset(plan.data, encoder))
+        batches = [next(it) for _ in range(model.head.calibration_batches)]
+        return model.calibrate(params, batches, shard=trainer.shard)
+
+    return calibrate
 
 
 def evaluate_after(config: ml_collections.ConfigDict, workdir: str, stage: str,

@@ -254,9 +254,11 @@ class Trainer:
 
     def restore_or_init(self, example_batch: Batch, checkpointer: Checkpointer | None,
                         data_iter: Any = None, params: Any = None,
-                        parts: Any = None) -> State:
+                        parts: Any = None, calibrate: Any = None) -> State:
         """Latest checkpoint in the workdir (state + data position), else a fresh state.
-        parts: a callable abstract_params -> init_state's parts, called only for a fresh init."""
+        parts: a callable abstract_params -> init_state's parts, called only for a fresh init.
+        calibrate: a callable params -> params (data-calibrated statistics of frozen params,
+        e.g. XVilaLM.calibrate), applied to a fresh state only (a checkpoint holds them)."""
         if checkpointer is not None and checkpointer.latest_step() is not None:
             self._setup(example_batch)
             step = checkpointer.latest_step()
@@ -265,7 +267,12 @@ class Trainer:
         if parts is not None:
             self._setup(example_batch)
             parts = parts(self.abstract_state["params"])
-        return self.init_state(example_batch, params, parts)
+        state = self.init_state(example_batch, params, parts)
+        if calibrate is not None:
+            with jax.set_mesh(self.mesh):
+                fixed = calibrate(state["params"])
+            state = {**state, "params": jax.device_put(fixed, self.param_shardings)}
+        return state
 
     def fit(self, state: State, train_iter: Iterator[Mapping[str, Any]], *,
             checkpointer: Checkpointer | None = None, logdir: str | None = None,
@@ -349,11 +356,11 @@ class Trainer:
 
     def run(self, train_iter: Iterator[Mapping[str, Any]], example_batch: Batch,
             workdir: str | None = None, *, params: Any = None, eval_iter_fn: Any = None,
-            parts: Any = None) -> State:
+            parts: Any = None, calibrate: Any = None) -> State:
         """restore_or_init from workdir/checkpoints (data position too), then fit."""
         ckpt = self.checkpointer(workdir) if workdir else None
         data_iter = train_iter if hasattr(train_iter, "get_state") else None
-        state = self.restore_or_init(example_batch, ckpt, data_iter, params, parts)
+        state = self.restore_or_init(example_batch, ckpt, data_iter, params, parts, calibrate)
         try:
             return self.fit(state, train_iter, checkpointer=ckpt, eval_iter_fn=eval_iter_fn,
                             logdir=os.path.join(workdir, "tb") if workdir else None)

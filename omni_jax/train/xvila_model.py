@@ -14,7 +14,7 @@ the VEH veh_index [B] (row b's source image among the batch's `image` items, -1 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +27,8 @@ from omni_jax.decoders.dit import init_decoder
 from omni_jax.decoders.xvila import (
     DECODER,
     HEAD,
+    IN_SCALE,
+    IN_SHIFT,
     PARAM_KEYS,
     XVilaHead,
     XVilaHeadConfig,
@@ -34,6 +36,7 @@ from omni_jax.decoders.xvila import (
     check_generation,
     gather_gen_rows,
     generate_images,
+    input_stats,
     per_item_diffusion_loss,
     pick_highway,
 )
@@ -94,10 +97,56 @@ class XVilaLM:
                                                                                jnp.int32)}))
         return {**params, **{k: fresh["params"][k] for k in missing}}
 
-    def _forward(self, params: Any, batch: Batch) -> dict[str, Any]:
+    def needs_calibration(self, params: Any) -> bool:
+        """Whether the head's input statistics are still at their init (shift 0, scale 1)."""
+        if not self.head.input_norm:
+            return False
+
+        def local(x: Any) -> np.ndarray:  # replicated: any process's own copy
+            return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+
+        head = params[HEAD]
+        return bool(np.all(local(head[IN_SHIFT]) == 0) and np.all(local(head[IN_SCALE]) == 1))
+
+    def calibrate(self, params: Any, batches: Sequence[Batch],
+                  shard: Callable[[Batch], Batch] | None = None) -> Any:
+        """The head's input statistics from the LLM's generation-token states on real batches
+        (rows with K generation tokens; all processes' rows) -> params with them set, the rest
+        unchanged. shard: process-local numpy batch -> global arrays (Trainer.shard)."""
+        if not self.head.input_norm:
+            return params
+        h = self.head
+
+        @jax.jit
+        def states(p: Any, b: Batch) -> tuple[jax.Array, jax.Array]:
+            hidden = self._forward(p, b, logits=False)["hidden"]
+            return gather_gen_rows(hidden, b["input_ids"], self.gen_id, h.gen_tokens)
+
+        rows, found = [], []
+        for b in batches:
+            if jax.process_count() == 1 and not np.any(np.asarray(b["input_ids"]) ==
+                                                       self.gen_id):
+                continue  # no generation request (processes all run every batch: collectives)
+            check_batch(self.config, b)
+            b = {k: v for k, v in b.items() if k not in GEN_KEYS}
+            r, f = states(params, shard(b) if shard is not None else self.lm._inputs(b))
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                r, f = multihost_utils.process_allgather((r, f), tiled=True)
+            rows.append(np.asarray(r)), found.append(np.asarray(f))
+        stats = input_stats(np.concatenate(rows), np.concatenate(found),
+                            h.input_norm_eps) if rows else None
+        if stats is None:  # no generation data (an input-side stage): left for a later stage
+            return params
+        shift, scale = stats
+        return {**params, HEAD: {**params[HEAD], IN_SHIFT: jnp.asarray(shift),
+                                 IN_SCALE: jnp.asarray(scale)}}
+
+    def _forward(self, params: Any, batch: Batch, logits: bool = True) -> dict[str, Any]:
         lm_params = {k: v for k, v in params.items() if k not in PARAM_KEYS}
         return self.lm.module.apply({"params": lm_params}, self.lm._inputs(batch),
-                                    compute_logits=self.fused_head_chunk is None)
+                                    compute_logits=logits and self.fused_head_chunk is None)
 
     def conditioning(self, params: Any, out: Mapping[str, Any], batch: Batch
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -157,7 +206,8 @@ class XVilaLM:
         self.check_request(batch)
         if self._forward_jit is None:  # compiled once per model and batch shapes
             self._forward_jit = jax.jit(lambda p, b: {
-                k: v for k, v in self._forward(p, b).items() if k in ("hidden", "highway")})
+                k: v for k, v in self._forward(p, b, logits=False).items()
+                if k in ("hidden", "highway")})
         out = self._forward_jit(params, self.lm._inputs(batch))
         rows, _ = gather_gen_rows(out["hidden"], jnp.asarray(batch["input_ids"]), self.gen_id,
                                   self.head.gen_tokens)

@@ -18,7 +18,7 @@ from omni_jax.data.tokenizer import (
     load_tokenizer,
     train_sentencepiece,
 )
-from omni_jax.decoders.xvila import XVilaHeadConfig
+from omni_jax.decoders.xvila import HEAD, IN_SCALE, IN_SHIFT, XVilaHeadConfig, gather_gen_rows
 from omni_jax.model import tokens_per_item
 from omni_jax.omni_config import OmniConfig
 from omni_jax.train.omni_model import OmniLM
@@ -92,9 +92,12 @@ def test_decoder_alignment_keeps_the_llm_bit_identical(setup):
     for k in ("llm", "image_encoder", "image_adapter", "highway"):
         for a, b in zip(jax.tree.leaves(before[k]), jax.tree.leaves(after[k]), strict=True):
             assert np.array_equal(a, b), k
+    for k in (IN_SHIFT, IN_SCALE):  # calibrated statistics: frozen in every stage
+        assert np.array_equal(before["xvila_head"][k], after["xvila_head"][k]), k
     for k in ("xvila_head", "image_decoder"):
-        moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[k]),
-                                                          jax.tree.leaves(after[k]))]
+        trained = {n: v for n, v in before[k].items() if n not in (IN_SHIFT, IN_SCALE)}
+        moved = [not np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(trained), jax.tree.leaves({n: after[k][n] for n in trained}))]
         assert sum(moved) > len(moved) // 2, k
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses  # same batch + seeds
 
@@ -227,3 +230,39 @@ def test_output_recipe_dry_run_plans_an_xvila_model(setup, tmp_path):
     config.xvila_output.gen_token_id = None
     assert model_of(config).gen_id == tok.gen_image_id
     assert not isinstance(model_of(load_recipe("xvila:model=tiny")), XVilaLM)
+
+
+def test_calibration_standardises_the_generation_token_states(setup):
+    """XVilaLM.calibrate: the head's input shift / scale are the mean and 1 / std of the
+    LLM's states at the generation tokens over the rows that have them (a reference from the
+    forward pass), set once (needs_calibration), applied on a fresh trainer state only; a
+    batch without generation tokens leaves the params as they are."""
+    tok, _, config, model, batch, params = setup
+    assert model.needs_calibration(params)
+    cal = model.calibrate(params, [batch])
+    assert not model.needs_calibration(cal)
+    hidden = OmniLM(config).module.apply(
+        {"params": {k: v for k, v in params.items() if k not in ("xvila_head", "image_decoder")}},
+        {k: batch[k] for k in ("input_ids", "modality", "image")})["hidden"]
+    rows, found = gather_gen_rows(hidden, jnp.asarray(batch["input_ids"]), tok.gen_image_id, K)
+    x = np.asarray(rows, np.float64)[np.asarray(found)]
+    assert x.shape == (4, K, config.llm.hidden_size)
+    np.testing.assert_allclose(cal[HEAD][IN_SHIFT], x.mean(0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(cal[HEAD][IN_SCALE], 1 / np.sqrt(x.var(0) + 1e-6), rtol=1e-5)
+    z = (x - np.asarray(cal[HEAD][IN_SHIFT])) * np.asarray(cal[HEAD][IN_SCALE])
+    assert np.abs(z.mean(0)).max() < 1e-4 and np.abs(z.std(0) - 1).mean() < 1e-2
+    for k in params:  # nothing else changed
+        if k != HEAD:
+            assert cal[k] is params[k]
+    text = {k: v for k, v in batch.items() if k != "input_ids"}
+    text["input_ids"] = np.where(batch["input_ids"] == tok.gen_image_id, tok.pad_id,
+                                 batch["input_ids"])
+    assert model.calibrate(params, [text]) is params  # no generation rows: left for later
+    c = default_config()
+    c.batch_size, c.steps, c.progress_bar, c.tensorboard = 4, 1, False, False
+    c.stage = ml_collections.ConfigDict({"name": "decoder_align", **load_stage("decoder_align")})
+    trainer = Trainer(c, model)
+    state = trainer.restore_or_init(batch, None, params=params,
+                                    calibrate=lambda p: model.calibrate(p, [batch]))
+    np.testing.assert_allclose(jax.device_get(state["params"][HEAD][IN_SHIFT]),
+                               cal[HEAD][IN_SHIFT], rtol=0, atol=1e-6)
