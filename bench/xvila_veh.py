@@ -180,13 +180,17 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few steps: a smoke run")
     ap.add_argument("--out", default="bench/results/xvila_veh.json")
-    ap.add_argument("--steps", type=int, default=0, help="training steps per run (0: mode's)")
+    ap.add_argument("--steps", type=int, default=0, help="image -> image training steps per "
+                    "run (0: mode's)")
+    ap.add_argument("--t2i_steps", type=int, default=0, help="text -> image training steps "
+                    "per run (0: mode's)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ddim", type=int, default=0, help="DDIM steps (0: mode's)")
     ap.add_argument("--guidance", type=float, default=2.0, help="text -> image CFG scale")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak lr of every run (Adam)")
     args = ap.parse_args(argv)
     steps = args.steps or (20 if args.quick else 1500)
+    t2i_steps = args.t2i_steps or (20 if args.quick else 2400)
     ddim = args.ddim or (5 if args.quick else 50)
     n_eval = 20 if args.quick else 0  # 0: the whole test split
     config = OmniConfig.from_dict(tiny.get_config("xvila").to_dict())
@@ -196,7 +200,8 @@ def main(argv: list[str]) -> int:
     clf, clf_acc = classifier(pixels, labels, split)
     print(f"classifier held-out accuracy {clf_acc:.3f} ({len(split['test'])} test images)",
           flush=True)
-    results: dict = {"quick": args.quick, "train_steps": steps, "batch": args.batch,
+    results: dict = {"quick": args.quick, "train_steps": steps, "t2i_steps": t2i_steps,
+                     "batch": args.batch,
                      "ddim_steps": ddim, "classifier_test_accuracy": clf_acc,
                      "lr": args.lr, "llm": "tiny (width 32, 2 layers, random init)"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,11 +216,16 @@ def main(argv: list[str]) -> int:
 
         align = list(recipe.output_stages()["decoder_align"].trainable)
         want = np.repeat(np.arange(10), max(1, len(test_idx) // 10))
-        for key, trainable in (("text_to_image", align),
-                               ("text_to_image_llm_trained", ["^llm/", *align])):
+        for key, trainable, calibrated in (
+                ("text_to_image", align, True),
+                ("text_to_image_uncalibrated", align, False),
+                ("text_to_image_llm_trained", ["^llm/", *align], True)):
             model = XVilaLM(config, head_config(True), gen_id)  # VEH rows masked (no image)
-            params, losses, secs = train(model, trainable, t2i_batch, steps, args.batch,
-                                         args.lr, seed=0)
+            params = nn.unbox(jax.jit(model.init)(jax.random.key(0), t2i_batch(0)))["params"]
+            if calibrated:  # as recipes.run does: the stage's first batches (here: fresh ones)
+                params = model.calibrate(params, [t2i_batch(10_000 + i) for i in range(4)])
+            params, losses, secs = train(model, trainable, t2i_batch, t2i_steps, args.batch,
+                                         args.lr, seed=0, params=params)
             rng = np.random.default_rng(7)
             batches = [data.t2i(want[i:i + 50], rng, None, 0) for i in range(0, len(want), 50)]
             imgs = generate(model, params, batches, ddim, args.guidance, False)
@@ -225,6 +235,7 @@ def main(argv: list[str]) -> int:
                 "accuracy": acc, "per_digit": [float(np.mean(pred[want == d] == d))
                                                for d in range(10)],
                 "images": len(want), "guidance": args.guidance, "trainable": trainable,
+                "calibrated_head_input": calibrated, "train_steps": t2i_steps,
                 "loss_first": float(np.mean(losses[:20])),
                 "loss_last": float(np.mean(losses[-20:])), "train_seconds": secs}
             print(f"(1) {key}: {acc:.3f} recognised as the requested digit ({len(want)} "
@@ -241,8 +252,10 @@ def main(argv: list[str]) -> int:
                 return data.i2i(rng.choice(train_idx, args.batch), step * args.batch)
 
             trainable = base + (recipe.VEH if veh else [])
+            params = nn.unbox(jax.jit(model.init)(jax.random.key(0), i2i_batch(0)))["params"]
+            params = model.calibrate(params, [i2i_batch(10_000 + i) for i in range(4)])
             params, losses, secs = train(model, trainable, i2i_batch, steps, args.batch,
-                                         args.lr, seed=0)
+                                         args.lr, seed=0, params=params)
             batches = [data.i2i(test_idx[i:i + 60], 0, targets=False)
                        for i in range(0, len(test_idx), 60)]
             imgs = generate(model, params, batches, ddim, None, True)

@@ -96,10 +96,11 @@ class OmniEncoder:
 
     def __init__(self, config: OmniConfig, template: ChatTemplate,
                  image: ImageConfig | None = None, audio: AudioConfig | None = None,
-                 speech: Any = None) -> None:
+                 speech: Any = None, gen: Any = None) -> None:
         """speech: a data.speech.SpeechTargets adding speech-out targets to records with a
-        spoken answer (None: speech fields of records are ignored)."""
-        self.config, self.template, self.speech = config, template, speech
+        spoken answer (None: speech fields of records are ignored); gen: a
+        data.gen_image.GenTargets adding image-out targets (None: gen_image fields ignored)."""
+        self.config, self.template, self.speech, self.gen = config, template, speech, gen
         self.counts = {m: tokens_per_item(config, m) for m in MODALITIES if getattr(config, m)}
         self.image_cfg = image or ImageConfig()
         for m in ("image", "video"):
@@ -243,7 +244,20 @@ class OmniEncoder:
         counts = {m: [self.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
         example = self.template.encode(self.messages(record), media_token_counts=counts)
         out = {**example.to_dict(), **media}
+        if self.gen is not None:
+            out = self.gen(out, record, decode=lambda ref: self._target(record, ref),
+                           image_items=[self.num_views(self._image(r)) if
+                                        self.config.image.max_tiles else 1
+                                        for r in _refs(record, "image")])
         return out if self.speech is None else self.speech(out, record)
+
+    def _target(self, record: Mapping[str, Any], ref: Any) -> np.ndarray:
+        """An image-out target -> uint8 RGB; CorruptMediaError when unreadable."""
+        try:
+            return self._image(ref)
+        except (ValueError, OSError) as e:
+            rid = record.get("id", "?")
+            raise CorruptMediaError(f"record {rid!r}: gen_image target unreadable: {e}") from e
 
 
 def media_spec(config: OmniConfig, max_items: Mapping[str, int],

@@ -28,9 +28,11 @@ text and padding.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from omni_jax.data.gen_image import GEN_KEYS, collate_gen
 from omni_jax.data.speech import SPEECH_KEYS, collate_speech
 
 REQUIRED_KEYS = ("input_ids", "loss_mask")
@@ -48,8 +50,9 @@ def shift_example(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
                          f"{sorted(example)}")
     media = {k: np.asarray(v, np.float32) for k, v in example.items() if k in MEDIA_KEYS}
     speech = {k: np.asarray(v, np.int32) for k, v in example.items() if k in SPEECH_KEYS}
+    gen = {k: np.asarray(v) for k, v in example.items() if k in GEN_KEYS}
     arrays = {k: np.asarray(v) for k, v in example.items()
-              if k not in MEDIA_KEYS and k not in SPEECH_KEYS}
+              if k not in MEDIA_KEYS and k not in SPEECH_KEYS and k not in GEN_KEYS}
     n = arrays["input_ids"].shape
     for k, v in arrays.items():
         integral = np.issubdtype(v.dtype, np.integer) or v.dtype == np.bool_
@@ -64,6 +67,7 @@ def shift_example(example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     out.update({k: v[:-1].astype(np.int32) for k, v in arrays.items()})
     out.update(media)
     out.update(speech)  # per-example (not per-token) arrays: unshifted
+    out.update(gen)
     return out
 
 
@@ -78,7 +82,8 @@ def _empty_batch(keys: Sequence[str], batch_size: int, seq_len: int, pad_id: int
 
 
 def _token_keys(example: Mapping[str, np.ndarray]) -> list[str]:
-    return [k for k in example if k not in MEDIA_KEYS and k not in SPEECH_KEYS]
+    return [k for k in example
+            if k not in MEDIA_KEYS and k not in SPEECH_KEYS and k not in GEN_KEYS]
 
 
 def _batch_keys(examples: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
@@ -169,11 +174,13 @@ def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int,
               buckets: Sequence[int], pad_id: int = 0,
               pad_values: Mapping[str, int] | None = None,
               media: MediaSpec | None = None, process_index: int = 0,
-              speech: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+              speech: Mapping[str, int] | None = None,
+              gen: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """One example per row, padded to the smallest bucket fitting the longest example.
 
     Rows beyond len(examples) are all padding (segment_ids 0), so the shape stays static.
     speech: DataConfig.speech static lengths for speech-out targets (data.speech).
+    gen: DataConfig.gen_image, the image-out targets' shape (data.gen_image).
     """
     if not 0 < len(examples) <= batch_size:
         raise ValueError(f"pad_batch: expected 1..{batch_size} examples, got {len(examples)}")
@@ -188,6 +195,8 @@ def pad_batch(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int,
         out["positions"][r, :n] = np.arange(n, dtype=np.int32)
     _add_media(out, [(r, 0, ex) for r, ex in enumerate(examples)], media, process_index)
     out.update(collate_speech(examples, batch_size, speech or {}))
+    first_image = process_index * media["image"][0] if media and "image" in media else 0
+    out.update(collate_gen(examples, batch_size, gen or {}, first_image))
     return out
 
 
@@ -224,10 +233,11 @@ class FirstFitPacker:
 
     def add(self, example: Mapping[str, np.ndarray]) -> bool:
         n = example_length(example)
-        speech = sorted(k for k in example if k in SPEECH_KEYS)
-        if speech:
-            raise ValueError(f"FirstFitPacker: examples with speech-out targets {speech} "
-                             f"cannot be packed; set the stage's data.packing=False")
+        per_example = sorted(k for k in example if k in SPEECH_KEYS or k in GEN_KEYS)
+        if per_example:
+            raise ValueError(f"FirstFitPacker: examples with speech / image-out targets "
+                             f"{per_example} cannot be packed; set the stage's "
+                             f"data.packing=False")
         if n > self.seq_len:
             raise ValueError(f"FirstFitPacker: example of length {n} exceeds seq_len "
                              f"{self.seq_len}")

@@ -31,6 +31,7 @@ import numpy as np
 
 from omni_jax.config_base import StrictConfig
 from omni_jax.data import packing
+from omni_jax.data.gen_image import check_gen_spec, gen_seeds
 from omni_jax.data.sources import ON_CORRUPT, CorruptMediaError, JsonlSource, TfdsSource
 from omni_jax.data.speech import check_speech_spec, fits
 
@@ -98,6 +99,8 @@ class DataConfig(StrictConfig):
     media: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # speech-out targets (data.speech): {"text_len": S, "units_len": U} static padded lengths
     speech: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # image-out targets (data.gen_image): {"shape": [S, S, C]}, the image decoder's images
+    gen_image: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # records whose media cannot be decoded: "skip" (warn + count) | "raise"; skipping stops
     # with a ValueError once more than skip_grace records and max_skipped_fraction are bad
     on_corrupt_media: str = "skip"
@@ -123,9 +126,10 @@ class DataConfig(StrictConfig):
             spec[key] = (int(v["max_items"]), tuple(int(s) for s in v["shape"]))
         object.__setattr__(self, "media", spec)
         object.__setattr__(self, "speech", check_speech_spec(self.speech))
-        if self.speech and self.packing:
-            raise ValueError("DataConfig: speech-out targets need packing=False (one "
-                             "conversation per row)")
+        object.__setattr__(self, "gen_image", check_gen_spec(self.gen_image))
+        if (self.speech or self.gen_image) and self.packing:
+            raise ValueError("DataConfig: speech-out and image-out targets need packing=False "
+                             "(one conversation per row)")
         b = self.seq_buckets
         if not b or any(x <= 0 for x in b) or list(b) != sorted(set(b)):
             raise ValueError(f"DataConfig.seq_buckets must be positive and strictly "
@@ -269,7 +273,11 @@ class _BatchIterator(grain.DatasetIterator):
                 examples.append(ex)
                 self._take(index, ex)
             batch = packing.pad_batch(examples, ds.local_batch, ds.seq_buckets, ds.pad_id,
-                                      ds.pad_values, ds.media, ds.process_index, ds.speech)
+                                      ds.pad_values, ds.media, ds.process_index, ds.speech,
+                                      ds.gen_image)
+            if ds.gen_image:
+                batch["gen_seed"] = gen_seeds(self._counts["batches"], ds.batch_size,
+                                              ds.process_index, ds.local_batch)
         self._counts["batches"] += 1
         self._counts["token_slots"] += batch["input_ids"].size
         return batch
@@ -314,7 +322,8 @@ class BatchDataset(grain.IterDataset):
         self.packing, self.max_len = config.packing, config.max_len
         self.seq_buckets, self.pad_id = config.seq_buckets, config.pad_id
         self.pad_values, self.media = config.pad_values, config.media
-        self.speech = config.speech
+        self.speech, self.gen_image = config.speech, config.gen_image
+        self.batch_size = config.batch_size
         self.skip_grace, self.max_skipped_fraction = config.skip_grace, config.max_skipped_fraction
         # media rows of this process start after the lower processes' (global arrays are the
         # local ones concatenated in process order): media_index is offset accordingly

@@ -127,6 +127,12 @@ def resolve_data(config: ml_collections.ConfigDict, omni: OmniConfig,
     if not config.text_only:
         dc = DataConfig.from_dict(data)
         data["media"] = media_budget(config, omni, s, data, dc.max_len, dc.packing)
+    head = config.get("xvila_output")
+    if head and not config.text_only and "diffusion" in dict(s.losses):
+        # a stage training the image decoder: every batch carries (possibly empty) targets
+        dec = head.decoder
+        data["gen_image"] = {"shape": [int(dec.image_size), int(dec.image_size),
+                                       int(dec.channels)]}
     return data
 
 

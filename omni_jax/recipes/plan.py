@@ -204,7 +204,24 @@ def load_template(config: ml_collections.ConfigDict, omni: OmniConfig) -> Any:
     if tok.vocab_size > omni.llm.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids but the LLM vocab_size is "
                          f"{omni.llm.vocab_size}")
+    if config.get("xvila_output"):  # a gen_image part renders the head's K tokens
+        from omni_jax.data.template import TemplateConfig
+
+        return ChatTemplate(tok, TemplateConfig(
+            gen_image_tokens=int(config.xvila_output.gen_tokens)))
     return ChatTemplate(tok)
+
+
+def gen_targets(config: ml_collections.ConfigDict, template: Any) -> Any:
+    """GenTargets (image-out targets of gen_image records) for an X-VILA output model."""
+    if not config.get("xvila_output"):
+        return None
+    from omni_jax.data.gen_image import GenTargets
+
+    head = config.xvila_output
+    shape = (head.decoder.image_size, head.decoder.image_size, head.decoder.channels)
+    gen_id = xvila_gen_id(config, head.get("gen_token_id"))
+    return GenTargets(shape, gen_id, int(head.gen_tokens))
 
 
 def make_encoder(config: ml_collections.ConfigDict, omni: OmniConfig) -> Any:
@@ -215,7 +232,8 @@ def make_encoder(config: ml_collections.ConfigDict, omni: OmniConfig) -> Any:
     if config.text_only:
         return TextOnlyEncoder(template)
     return OmniEncoder(omni, template, audio=audio_config(config),
-                       speech=speech_targets(config, omni, template))
+                       speech=speech_targets(config, omni, template),
+                       gen=gen_targets(config, template))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
