@@ -23,7 +23,7 @@ import numpy as np
 
 from omni_jax.utils import fs
 
-MEDIA_KEYS = ("image", "images", "audio", "audios", "video", "videos")
+MEDIA_KEYS = ("image", "images", "audio", "audios", "video", "videos", "gen_image")
 ON_CORRUPT = ("skip", "raise")
 
 

@@ -88,8 +88,8 @@ def test_image_instances_in_exactly_one_split_stratified(built):
         per_class = np.bincount(labels[splits[s]], minlength=10)
         np.testing.assert_allclose(per_class / np.bincount(labels), frac, atol=0.02)
         assert set(labels[splits[s][:10]].tolist()) == set(range(10))  # round-robin prefix
-    used = {s: {int(i) for r in recs for i in r["image_index"]}
-            for s, recs in built["records"].items()}
+    used = {s: {int(i) for r in recs for i in [*r["image_index"], *r["target_index"]]}
+            for s, recs in built["records"].items()}  # inputs and image-out targets
     for s in V.SPLITS:
         assert used[s] and used[s] <= set(splits[s].tolist())
     assert not used["train"] & used["test"] and not used["train"] & used["validation"]
@@ -116,14 +116,15 @@ def test_voices_disjoint_across_splits(built):
 
 def _check_record(r, labels, vocab):
     task, a = _s(r["task"]), _s(r["answer"])
-    assert _s(r["id"]).split("-")[1] == task and a
+    assert _s(r["id"]).split("-")[1] == task and bool(a) == (task not in T.IMAGE_OUT)
+    assert (r["target_image"].shape[0] == 1) == (task in T.IMAGE_OUT)
     parts = T.TASKS[task]
     assert (r["image"].shape[0] == 1) == ("image" in parts)
     assert (r["audio"].size > 0) == ("audio" in parts)
     assert (3 <= r["video"].shape[0] <= 5) if "video" in parts else r["video"].shape[0] == 0
     ds = r["digits"].tolist()
     if r["image_index"].size:
-        np.testing.assert_array_equal(labels[r["image_index"]], ds)
+        np.testing.assert_array_equal(labels[r["image_index"]], ds[:len(r["image_index"])])
     if task == "image_caption":
         assert DIGIT_WORDS[ds[0]] in a and a.endswith(".")
     elif task in ("image_qa", "spoken_image_qa"):
@@ -138,6 +139,17 @@ def _check_record(r, labels, vocab):
                 T.VIDEO_QUESTIONS["sum"]: T.number_words(sum(ds)),
                 T.VIDEO_QUESTIONS["order"]: " ".join(DIGIT_WORDS[d] for d in ds)}
         assert a == want.get(q, a)
+    elif task in T.IMAGE_OUT:
+        pixels, _ = T.load_images()
+        t = int(r["target_index"][0])
+        np.testing.assert_array_equal(r["target_image"][0], pixels[t])
+        if task == "text_to_image":
+            assert DIGIT_WORDS[ds[0]] in _s(r["prompt"]) and labels[t] == ds[0]
+        elif task == "image_to_image":
+            np.testing.assert_array_equal(r["image"][0], r["target_image"][0])
+        else:  # three consecutive digits, then the next one
+            assert r["video"].shape[0] == 3 and ds[3] == labels[t]
+            assert [(ds[0] + k) % 10 for k in range(4)] == ds
     elif task == "text_chat":
         x, y = ds
         assert (f"is {T.number_words(x + y)}." in a) or (f"is {T.number_words(x - y)}." in a)
@@ -197,6 +209,14 @@ def test_manifests_load_with_project_reader_and_decode(built):
                 for key in ("speech_units", "speech_units_rejected"):
                     if key in rec:
                         check_units(rec[key], tok.vocab_size, key)
+        for name in T.IMAGE_OUT:  # X-VILA's image-out records (omni_jax.data.gen_image)
+            src = JsonlSource(os.path.join(out, f"{name}.jsonl"), on_corrupt="raise")
+            assert len(src) == 4
+            for rec in (src[i] for i in range(len(src))):
+                assert rec["messages"][1]["content"] == [{"type": "gen_image"}]
+                img = ifeat.to_rgb(ifeat.decode_image(read_media(rec["gen_image"])))
+                assert os.path.isabs(rec["gen_image"]) and img.shape == (64, 64, 3)
+                assert rec["gen_image"].endswith(f"digit_{rec['target_index']:04d}.png")
 
 
 def test_spoken_audio_nonsilent_with_plausible_duration(built):

@@ -22,7 +22,9 @@ OUT_PROJ = ["^xvila_head/out_proj/", "^xvila_head/gen_rows$"]
 VEH = ["^highway/", "^xvila_head/veh_"]
 DECODER = ["^image_decoder/"]
 # output data: jsonl manifests with {"type": "gen_image"} assistant parts and a target image
-OUTPUT_SOURCES = {"text_to_image": ("image",), "image_to_image": ("image",)}
+# (omni_digits exports them: omni_jax.data.omni_digits.export)
+OUTPUT_SOURCES = {"text_to_image": (), "image_to_image": ("image",),
+                  "video_next_frame": ("video",)}
 GEN_IMAGE_TOKEN = "<gen_image>"
 # image decoder per model size: tiny = omni_digits' 8 x 8 grey digits (init_std ~ 1/sqrt(hidden))
 DECODERS = {
@@ -55,6 +57,7 @@ def output_head(model_name: str, model) -> dict:
 
 def output_stages() -> dict:
     t2i, i2i = output_source("text_to_image", 1.0), output_source("image_to_image", 1.0)
+    v2i = output_source("video_next_frame", 0.5)
     return {
         "decoder_align": common.stage(
             description="decoder alignment on X-text pairs: output projection + image "
@@ -65,7 +68,7 @@ def output_stages() -> dict:
             description="X-to-X instruction tuning, textual alignment: LLM + projectors + "
                         "output projection",
             trainable=["^llm/", *PROJECTORS, *OUT_PROJ],
-            sources={"text_to_image": t2i, "image_to_image": i2i,
+            sources={"text_to_image": t2i, "image_to_image": i2i, "video_next_frame": v2i,
                      **common.mixture(image_qa=1.0)},
             lr=2e-5, epochs=1.0, batch_size=128, losses={"ce": 1.0, "diffusion": 1.0},
             packing=False),

@@ -112,8 +112,14 @@ def to_record(ex: dict[str, Any], image_ref: Any, audio_ref: Any) -> dict[str, A
             rec["voice"] = _text(ex["voice"])
             if task != "speech_asr":
                 rec["question_text"] = prompt  # the spoken question's transcript
+    if task in T.IMAGE_OUT:  # the assistant's turn is the image (omni_jax.data.gen_image)
+        answer: Any = [{"type": "gen_image"}]
+        target = int(ex["target_index"][0])
+        rec["gen_image"], rec["target_index"] = image_ref(target), target
+    else:
+        answer = _text(ex["answer"])
     rec["messages"] = [{"role": "user", "content": parts},
-                       {"role": "assistant", "content": _text(ex["answer"])}]
+                       {"role": "assistant", "content": answer}]
     rec["digits"] = [int(d) for d in ex["digits"]]
     if index:
         rec["image_index"] = index

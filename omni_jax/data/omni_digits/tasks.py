@@ -15,6 +15,11 @@ Every record is one flat example (FIELDS; unused fields are empty) with a `task`
   text_chat        text-only digit arithmetic
   speech_response  image + question -> sentence answer + its neutral rendering and units
   speech_dpo       the same; chosen = an expressive rendering, rejected = the neutral one
+  text_to_image    "Draw a seven." -> an image out (target: a split image of that digit)
+  image_to_image   image + "Reproduce this image." -> the same image out
+  video_next_frame 3 frames of consecutive digits (d, d+1, d+2 mod 10) -> a d+3 image out
+Image-out tasks (X-VILA) put their target in `target_image` (+ `target_index`) and leave
+`answer` empty: the assistant's turn is the image.
 `prompt` is the user's text (for spoken tasks: the transcript of the spoken question).
 """
 
@@ -42,11 +47,16 @@ TASKS = {
     "text_chat": ("text",),
     "speech_response": ("image", "text"),
     "speech_dpo": ("image", "text"),
+    "text_to_image": ("text",),
+    "image_to_image": ("image", "text"),
+    "video_next_frame": ("video", "text"),
 }
+IMAGE_OUT = ("text_to_image", "image_to_image", "video_next_frame")
 # records per task = ceil(ratio * images in the split) (capped by the config's max_per_task)
 RATIOS = {"image_caption": 1.0, "image_qa": 2.0, "speech_asr": 1.0, "spoken_image_qa": 1.0,
           "video_qa": 0.5, "video_spoken_qa": 0.5, "text_chat": 0.5, "speech_response": 1.0,
-          "speech_dpo": 0.5}
+          "speech_dpo": 0.5, "text_to_image": 1.0, "image_to_image": 1.0,
+          "video_next_frame": 0.5}
 FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 IMAGE_SHAPE = (8, 8)
 TEXT_FIELDS = ("id", "task", "prompt", "answer", "voice", "style", "style_rejected")
@@ -61,10 +71,15 @@ ARRAY_FIELDS = {
     "speech_units": (np.int32, (None,)),
     "speech_rejected": (np.int16, (None,)),
     "speech_units_rejected": (np.int32, (None,)),
+    "target_image": (np.uint8, (None, *IMAGE_SHAPE)),  # image-out tasks: 1 image out
+    "target_index": (np.int32, (None,)),  # its sklearn index
 }
 CAPTION_PROMPTS = ("Describe the image.", "What is in the picture?", "Caption this image.")
 CAPTIONS = ("This is {a} {w}.", "The image shows the digit {w}.", "A handwritten {w}.")
 WHAT = ("What digit is this?", "Which digit is shown?", "What number is in the picture?")
+DRAW_PROMPTS = ("Draw a {w}.", "Show me the digit {w}.", "Generate an image of {w}.")
+COPY_PROMPT = "Reproduce this image."
+NEXT_PROMPT = "Draw the next frame."
 ASR_PROMPTS = ("Transcribe the audio.", "What is said in this clip?",
                "Write down the spoken digits.")
 VIDEO_QUESTIONS = {"order": "Which digits appear, in order?",
@@ -255,6 +270,8 @@ def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None
             xw, yw = DIGIT_WORDS[x], DIGIT_WORDS[y]
             ex = _example(prompt=f"What is {xw} {op} {yw}?", digits=[x, y],
                           answer=f"{xw.capitalize()} {op} {yw} is {number_words(r)}.")
+        elif task in IMAGE_OUT:
+            ex = _image_out(task, rng, plan, i, pixels, labels)
         else:  # speech_response / speech_dpo
             q, _, sentence = _image_question(rng, d)
             assert speech_fn is not None
@@ -272,6 +289,35 @@ def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None
                               speech_units_rejected=rej_units)
         ex["id"], ex["task"] = key, task
         yield key, ex
+
+
+def _image_out(task: str, rng: np.random.Generator, plan: SplitPlan, i: int,
+               pixels: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """An image-out record: its input (prompt, image or frames) and target image, all from
+    the split's own images."""
+    imgs = np.asarray(plan.images)
+    by_digit = {d: imgs[labels[imgs] == d] for d in range(10)}
+
+    def pick(d: int) -> int:
+        pool = by_digit[d] if by_digit[d].size else imgs
+        return int(pool[rng.integers(pool.size)])
+
+    if task == "text_to_image":
+        t = int(imgs[i % imgs.size])
+        w = DIGIT_WORDS[int(labels[t])]
+        return _example(prompt=DRAW_PROMPTS[rng.integers(len(DRAW_PROMPTS))].format(w=w),
+                        digits=[int(labels[t])], target_image=pixels[t][None],
+                        target_index=[t])
+    if task == "image_to_image":
+        t = int(imgs[i % imgs.size])
+        return _example(image=pixels[t][None], image_index=[t], digits=[int(labels[t])],
+                        prompt=COPY_PROMPT, target_image=pixels[t][None], target_index=[t])
+    d0 = int(rng.integers(10))
+    frames = [pick((d0 + k) % 10) for k in range(3)]
+    t = pick((d0 + 3) % 10)
+    return _example(video=pixels[frames], image_index=frames,
+                    digits=[int(labels[f]) for f in frames] + [int(labels[t])],
+                    prompt=NEXT_PROMPT, target_image=pixels[t][None], target_index=[t])
 
 
 def generate_split(plan: SplitPlan, speech_fn: SpeechFn | None = None
