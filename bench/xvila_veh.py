@@ -49,9 +49,10 @@ from omni_jax.omni_config import OmniConfig
 from omni_jax.train.trainer import Trainer, default_config
 from omni_jax.train.xvila_model import XVilaLM, image_to_unit, make_gen_batch
 
-K, SEQ = 4, 64
+K, SEQ, VIDEO_SEQ = 4, 64, 96
 DRAW = ("Draw a {w}.", "Show me the digit {w}.", "Generate an image of {w}.")
 COPY = "Reproduce this image."
+NEXT = "Draw the next frame."
 
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -105,13 +106,14 @@ class Digits:
     """Tokenizer, template and batch makers for the two tasks."""
 
     def __init__(self, workdir: str, config: OmniConfig) -> None:
-        texts = [p.format(w=w) for p in DRAW for w in DIGIT_WORDS] + [COPY]
+        texts = [p.format(w=w) for p in DRAW for w in DIGIT_WORDS] + [COPY, NEXT]
         path = train_sentencepiece(texts * 20, 320, os.path.join(workdir, "sp"),
                                    special_tokens=(*DEFAULT_SPECIAL_TOKENS, "<gen_image>"))
         self.tok = load_tokenizer(TokenizerConfig(path=str(path), gen_image_token="<gen_image>"))
         self.tpl = ChatTemplate(self.tok, TemplateConfig(default_system_prompt=None,
                                                          gen_image_tokens=K))
         self.n_img, self.side = tokens_per_item(config, "image"), config.image.image_size[0]
+        self.n_vid = tokens_per_item(config, "video")
         self.pixels, self.labels = load_images()
 
     def t2i(self, digits: np.ndarray, rng: np.random.Generator, idx: np.ndarray | None,
@@ -122,6 +124,27 @@ class Digits:
         targets = None if idx is None else decoder_space(self.pixels[idx])
         return make_gen_batch(exs, SEQ, self.tok.pad_id, targets=targets,
                               seeds=seed0 + np.arange(len(digits)))
+
+    def v2i(self, firsts: np.ndarray, rng: np.random.Generator, pool: np.ndarray,
+            seed0: int, targets: bool = True) -> tuple[dict, np.ndarray]:
+        """Videos of two consecutive digits (d, d + 1: the tower's frames) from `pool`, the
+        target an image of d + 2 -> (batch, the wanted digits)."""
+        def pick(d: int) -> int:
+            cands = pool[self.labels[pool] == d % 10]
+            return int(cands[rng.integers(cands.size)])
+
+        ex = self.tpl.encode([
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": NEXT}]},
+            {"role": "assistant", "content": [{"type": "gen_image"}]}],
+            {"video": [self.n_vid]})
+        frames = np.array([[pick(d), pick(d + 1)] for d in firsts])
+        want = (firsts + 2) % 10
+        tgt = decoder_space(self.pixels[[pick(d) for d in want]]) if targets else None
+        batch = make_gen_batch([ex] * len(firsts), VIDEO_SEQ, self.tok.pad_id, targets=tgt,
+                               seeds=seed0 + np.arange(len(firsts)))
+        vid = encoder_space(self.pixels[frames.reshape(-1)], self.side)
+        batch["video"] = vid.reshape(len(firsts), 2, *vid.shape[1:])
+        return batch, want
 
     def i2i(self, idx: np.ndarray, seed0: int, targets: bool = True) -> dict:
         ex = self.tpl.encode([
@@ -241,6 +264,36 @@ def main(argv: list[str]) -> int:
             print(f"(1) {key}: {acc:.3f} recognised as the requested digit ({len(want)} "
                   f"images, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, {secs:.0f} s)",
                   flush=True)
+
+        # (3) video -> next frame: through the LLM (the VEH carries images, not videos):
+        # LLM, video adapter, output projection and decoder trained (x2x_textual's set)
+        model = XVilaLM(config, head_config(True), gen_id)
+
+        def v2i_batch(step: int) -> dict:
+            rng = np.random.default_rng([3, step])
+            return data.v2i(rng.integers(10, size=args.batch), rng, train_idx,
+                            step * args.batch)[0]
+
+        trainable = ["^llm/", "^video_adapter/", *recipe.OUT_PROJ, *recipe.DECODER]
+        params = nn.unbox(jax.jit(model.init)(jax.random.key(0), v2i_batch(0)))["params"]
+        params = model.calibrate(params, [v2i_batch(10_000 + i) for i in range(4)])
+        params, losses, secs = train(model, trainable, v2i_batch, t2i_steps, args.batch,
+                                     args.lr, seed=0, params=params)
+        rng = np.random.default_rng(9)
+        firsts = np.repeat(np.arange(10), max(1, len(test_idx) // 10))
+        pairs = [data.v2i(firsts[i:i + 50], rng, test_idx, 0, targets=False)
+                 for i in range(0, len(firsts), 50)]
+        imgs = generate(model, params, [b for b, _ in pairs], ddim, args.guidance, False)
+        want = np.concatenate([w for _, w in pairs])
+        pred = clf.predict(imgs.reshape(len(imgs), -1))
+        acc = float(np.mean(pred == want))
+        results["video_to_next_frame"] = {
+            "accuracy": acc, "images": len(want), "guidance": args.guidance,
+            "trainable": trainable, "train_steps": t2i_steps, "held_out_frames": True,
+            "loss_first": float(np.mean(losses[:20])),
+            "loss_last": float(np.mean(losses[-20:])), "train_seconds": secs}
+        print(f"(3) video -> next frame: {acc:.3f} recognised as the next digit ({len(want)} "
+              f"held-out videos, {secs:.0f} s)", flush=True)
 
         # (2) image -> image with and without the VEH, the same budget
         base = ["^llm/", "^image_adapter/", *recipe.OUT_PROJ, *recipe.DECODER]

@@ -201,7 +201,9 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
     batch = prompt_from_record(encoder, user_record(prompt, system=system, **{
         RECORD_KEYS[m]: p for m, p in media.items()}), media=arrays)
     lm = OmniLM(omni, config.train.get("fused_head_chunk"))
-    plan, speech_trained = _pick(config, workdir, lm, stage)
+    # an X-VILA output model's stages are planned on its whole tree (head + image decoder)
+    planned = omni_recipes.model_of(config) if config.get("xvila_output") else lm
+    plan, speech_trained = _pick(config, workdir, planned, stage)
     if out is not None:
         return _image_out(config, omni, tok, workdir, plan, batch, out, image_steps, guidance,
                           seed, bool(images), echo)
@@ -268,12 +270,12 @@ def _image_out(config: ml_collections.ConfigDict, omni: OmniConfig, tok: Any, wo
     import jax
     from PIL import Image
 
-    from omni_jax.decoders.xvila import XVilaHeadConfig, check_generation
-    from omni_jax.train.xvila_model import XVilaLM, image_to_unit
+    from omni_jax.decoders.xvila import check_generation
+    from omni_jax.train.xvila_model import image_to_unit
 
-    head = XVilaHeadConfig.from_dict(config.xvila_output.to_dict())
+    model = omni_recipes.model_of(config)  # XVilaLM: head, decoder, the tokenizer's gen id
+    head = model.head
     check_generation(head, steps, guidance)
-    model = XVilaLM(omni, head, tok.gen_image_id)
     gen = np.full((1, head.gen_tokens), tok.gen_image_id, batch["input_ids"].dtype)
     batch = dict(batch, input_ids=np.concatenate([batch["input_ids"], gen], 1),
                  modality=np.concatenate([batch["modality"], np.zeros_like(gen)], 1))

@@ -42,11 +42,13 @@ class XVilaHeadConfig(StrictConfig):
     gen_tokens: int = 4  # K: generation tokens per requested image (template's count)
     proj_hidden: int | None = 128  # output projection: GELU MLP width (None: one Linear)
     # standardise the generation-token states per (token, feature) with statistics calibrated
-    # on data (XVilaLM.calibrate): a random or small LLM's states at those positions barely
-    # vary (the prompt is ~1% of their spread) and a fresh projection cannot amplify that in
-    # a stage's steps; the statistics are params outside the trainable patterns (frozen)
+    # on data (XVilaLM.calibrate), then to unit RMS per row: a random or small LLM's states at
+    # those positions barely vary (the prompt is ~1% of their spread) and a fresh projection
+    # cannot amplify that in a stage's steps; the statistics are params outside the
+    # trainable patterns (frozen)
     input_norm: bool = True
     input_norm_eps: float = 1e-6
+    input_rms_floor: float = 1.0  # added to the mean square: rows far below unit RMS shrink
     calibration_batches: int = 4  # batches of the stage's data that calibrate them
     veh: bool = False  # append the visual embedding highway rows to the conditioning
     highway_dim: int = 8  # width of OmniModel's highway rows (HighwayConfig.out_dim)
@@ -73,6 +75,7 @@ class XVilaHeadConfig(StrictConfig):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{who}.{flag} must be a bool, got {getattr(self, flag)!r}")
         check_positive(who, input_norm_eps=self.input_norm_eps,
+                       input_rms_floor=self.input_rms_floor,
                        calibration_batches=self.calibration_batches)
         if not isinstance(self.decoder, DecoderConfig):
             raise ValueError(f"{who}.decoder must be a DecoderConfig (or its dict), got "
@@ -119,6 +122,11 @@ class XVilaHead(nn.Module):
             shift = self.param(IN_SHIFT, logical_init(nn.initializers.zeros, axes), shape, pdt)
             scale = self.param(IN_SCALE, logical_init(nn.initializers.ones, axes), shape, pdt)
             x = (x - shift.astype(dt)[None]) * scale.astype(dt)[None]
+            # then unit RMS per row: an LLM trained after calibration (x2x_textual) moves its
+            # states by more than their calibrated spread, and the fixed scale would blow that
+            # up (measured: image -> image 27 -> 9 dB PSNR); the direction keeps the content
+            x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True)
+                                  + c.input_rms_floor)
         if c.proj_hidden is None:
             y = nn.Dense(width, dtype=dt, param_dtype=pdt,
                          kernel_init=nn.initializers.normal(c.init_std), name="out_proj")(x)
