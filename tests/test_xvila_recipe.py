@@ -5,6 +5,7 @@ own data, and stay frozen; decoder_align keeps the LLM bit-identical."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -88,6 +89,14 @@ def test_chat_draws_from_the_run_directory(trained, tmp_path):
     run_chat(saved, workdir, "Reproduce this image.", images=[src], out=out2, image_steps=3,
          guidance=0.0, echo=lines.append)
     assert np.asarray(Image.open(out2)).shape == (8, 8)
+    frames = tmp_path / "frames"  # video -> next frame: a directory of frame images
+    frames.mkdir()
+    for k, name in enumerate(sorted(os.listdir(os.path.join(c.data_root, "images")))[:3]):
+        shutil.copy(os.path.join(c.data_root, "images", name), frames / f"{k:03d}.png")
+    out3 = str(tmp_path / "next.png")
+    run_chat(saved, workdir, "Draw the next frame.", videos=[str(frames)], out=out3,
+             image_steps=3, guidance=2.0, echo=lines.append)
+    assert np.asarray(Image.open(out3)).shape == (8, 8)
     answer = run_chat(saved, workdir, "What digit is this?", images=[src], max_new_tokens=3,
                       echo=lines.append)  # the same run answers in text too
     assert isinstance(answer, str)
