@@ -11,6 +11,7 @@ keeps the resolved config so chat / export / evaluate need only `--workdir`.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -165,7 +166,7 @@ def calibrator(plan: Any, encoder: Any, trainer: Any) -> Callable[[Any], Any] | 
         if not model.needs_calibration(params):
             return params
         it = iter(make_dataset(plan.data, encoder))
-        batches = [next(it) for _ in range(model.head.calibration_batches)]
+        batches = list(itertools.islice(it, model.head.calibration_batches))  # a short stream
         return model.calibrate(params, batches, shard=trainer.shard)
 
     return calibrate
