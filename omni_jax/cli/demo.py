@@ -80,10 +80,13 @@ def train_tokenizer(train_dir: str, vocab_size: int, out_prefix: str) -> str:
     path = out_prefix + ".model"
     if os.path.isfile(path):
         return path
+    from omni_jax.data.omni_digits.tasks import IMAGE_OUT
+
     system = TemplateConfig().default_system_prompt
     texts = []
+    skip = {f"{t}.jsonl" for t in IMAGE_OUT}  # X-VILA's image-out records: not the demo's
     for name in sorted(os.listdir(train_dir)):
-        if name.endswith(".jsonl"):
+        if name.endswith(".jsonl") and name not in skip:
             with open(os.path.join(train_dir, name)) as f:
                 for line in f:
                     turns = [] if system is None else [("system", system)]

@@ -159,8 +159,9 @@ def calibrator(plan: Any, encoder: Any, trainer: Any) -> Callable[[Any], Any] | 
     from omni_jax.data.pipeline import make_dataset
 
     model = plan.model
-    if not hasattr(model, "calibrate"):
-        return None
+    if not hasattr(model, "calibrate") or "diffusion" not in dict(
+            plan.trainer_config.stage.losses):
+        return None  # only a stage training the image decoder has generation rows
 
     def calibrate(params: Any) -> Any:
         if not model.needs_calibration(params):
