@@ -133,13 +133,14 @@ def test_matches_unilm_reference(variant):
                        padding_mask=jnp.asarray(both))
     got, valid = np.asarray(got), np.asarray(valid)
     assert bool(valid[:2].all())
-    # waveform in: the two float32 FFTs differ (see the fbank test); measured 1.5e-5
-    np.testing.assert_allclose(got[:2], want.numpy(), atol=5e-5, rtol=0)
+    # waveform in: the two float32 FFTs differ (see the fbank test); measured 1.5e-5 on one
+    # CPU, up to 5.2e-5 (1 of 1536 values; which config varies between runs) on another
+    np.testing.assert_allclose(got[:2], want.numpy(), atol=1e-4, rtol=0)
     got_m, valid_m = got[2:], valid[2:]
     np.testing.assert_array_equal(valid_m, ~ref_pad.numpy())
     assert valid_m.sum(1).tolist() == [19, 16]  # tokens 7..11 and 16.. have all frames padded
-    np.testing.assert_allclose(got_m[valid_m], want_m.numpy()[valid_m], atol=5e-5,
-                               rtol=0)  # measured 1.4e-5
+    np.testing.assert_allclose(got_m[valid_m], want_m.numpy()[valid_m], atol=1e-4,
+                               rtol=0)  # measured 1.4e-5 on one CPU, 5.0e-5 on another
     assert np.all(got_m[~valid_m] == 0)
     assert np.abs(got_m[1, :16] - got[1, :16]).max() > 1e-2
 
