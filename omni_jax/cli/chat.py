@@ -205,8 +205,11 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
     planned = omni_recipes.model_of(config) if config.get("xvila_output") else lm
     plan, speech_trained = _pick(config, workdir, planned, stage)
     if out is not None:
+        # the highway carries the first image; with tiling its thumbnail (its last view), as
+        # in training (data.gen_image)
+        veh_row = (encoder.num_views(encoder._image(images[0])) - 1) if images else None
         return _image_out(config, omni, tok, workdir, plan, batch, out, image_steps, guidance,
-                          seed, bool(images), echo)
+                          seed, veh_row, echo)
     if tts == "generator" and not speech_trained:
         raise ValueError(f"--tts=generator but stage {plan.name!r} has no trained speech "
                          f"generator (config.model.speech and a stage training 'speech')")
@@ -261,7 +264,7 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
 
 def _image_out(config: ml_collections.ConfigDict, omni: OmniConfig, tok: Any, workdir: str,
                plan: omni_recipes.StagePlan, batch: dict[str, np.ndarray], out: str,
-               steps: int, guidance: float, seed: int, has_image: bool,
+               steps: int, guidance: float, seed: int, veh_row: int | None,
                echo: Callable[[str], None]) -> str:
     """The prompt + K generation tokens -> one LLM pass -> the image decoder -> PNG at out."""
     import dataclasses
@@ -279,8 +282,9 @@ def _image_out(config: ml_collections.ConfigDict, omni: OmniConfig, tok: Any, wo
     gen = np.full((1, head.gen_tokens), tok.gen_image_id, batch["input_ids"].dtype)
     batch = dict(batch, input_ids=np.concatenate([batch["input_ids"], gen], 1),
                  modality=np.concatenate([batch["modality"], np.zeros_like(gen)], 1))
+    has_image = veh_row is not None
     if has_image:
-        batch["veh_index"] = np.zeros((1,), np.int32)
+        batch["veh_index"] = np.full((1,), veh_row, np.int32)
     params = nn.unbox(omni_recipes.final_params(workdir, dataclasses.replace(plan, model=model)))
     img = model.generate(params, batch, jax.random.key(seed), steps=steps,
                          guidance_scale=guidance, image_to_image=has_image)

@@ -38,6 +38,8 @@ def check_gen_spec(spec: Mapping[str, Any] | None) -> dict[str, tuple[int, ...]]
         return {}
     shape = spec.get("shape")
     if sorted(spec) != ["shape"] or not isinstance(shape, list | tuple) or len(shape) != 3 \
+            or not all(isinstance(s, int | np.integer) and not isinstance(s, bool)
+                       for s in shape) \
             or any(int(s) <= 0 for s in shape) or int(shape[2]) not in (1, 3) \
             or int(shape[0]) != int(shape[1]):
         raise ValueError(f"DataConfig.gen_image must be {{shape: [S, S, C]}} with C 1 or 3 "
@@ -76,6 +78,9 @@ class GenTargets:
         if asks not in (0, self.k):
             raise ValueError(f"record {rid!r}: {asks} generation tokens; one gen_image part "
                              f"renders {self.k} (one image out per record)")
+        if ref is not None and not isinstance(ref, str | bytes | bytearray | memoryview):
+            raise ValueError(f"record {rid!r}: gen_image must be one image (a path or bytes), "
+                             f"got {type(ref).__name__}")
         if ref is None:
             if asks:
                 raise ValueError(f"record {rid!r} has a gen_image part but no 'gen_image' "
@@ -104,7 +109,8 @@ def collate_gen(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int,
     if not spec:
         if has:
             raise ValueError("examples carry gen_image targets but DataConfig.gen_image is not "
-                             "set; expected {shape: [S, S, C]}")
+                             "set (expected {shape: [S, S, C]}); in a recipe: image-out "
+                             "records reached a stage without the 'diffusion' loss")
         return {}
     shape = tuple(spec["shape"])
     out = {"gen_image": np.zeros((batch_size, *shape), np.float32),

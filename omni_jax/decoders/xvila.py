@@ -42,7 +42,7 @@ class XVilaHeadConfig(StrictConfig):
     gen_tokens: int = 4  # K: generation tokens per requested image (template's count)
     proj_hidden: int | None = 128  # output projection: GELU MLP width (None: one Linear)
     # standardise the generation-token states per (token, feature) with statistics calibrated
-    # on data (XVilaLM.calibrate), then to unit RMS per row: a random or small LLM's states at
+    # on data (XVilaLM.calibrate), then to RMS ~1 per row: a random or small LLM's states at
     # those positions barely vary (the prompt is ~1% of their spread) and a fresh projection
     # cannot amplify that in a stage's steps; the statistics are params outside the
     # trainable patterns (frozen)
@@ -117,12 +117,13 @@ class XVilaHead(nn.Module):
                              f"{c.llm_hidden}], got {tuple(gen_hidden.shape)}")
         dt, pdt = parse_dtype(c.dtype), parse_dtype(c.param_dtype)
         x = gen_hidden.astype(dt)  # [B, K, D]
-        if c.input_norm:  # identity until calibrated (shift 0, scale 1)
+        if c.input_norm:  # shift 0 / scale 1 until calibrated (the RMS step always runs)
             shape, axes = (c.gen_tokens, c.llm_hidden), (None, None)
             shift = self.param(IN_SHIFT, logical_init(nn.initializers.zeros, axes), shape, pdt)
             scale = self.param(IN_SCALE, logical_init(nn.initializers.ones, axes), shape, pdt)
             x = (x - shift.astype(dt)[None]) * scale.astype(dt)[None]
-            # then unit RMS per row: an LLM trained after calibration (x2x_textual) moves its
+            # then RMS ~1 per row (x / sqrt(ms + floor): a standardised row ends at ~0.71 with
+            # floor 1): an LLM trained after calibration (x2x_textual) moves its
             # states by more than their calibrated spread, and the fixed scale would blow that
             # up (measured: image -> image 27 -> 9 dB PSNR); the direction keeps the content
             x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True)

@@ -14,6 +14,7 @@ the VEH veh_index [B] (row b's source image among the batch's `image` items, -1 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from omni_jax.decoders.xvila import (
     per_item_diffusion_loss,
     pick_highway,
 )
+from omni_jax.layers.common import parse_dtype
 from omni_jax.model import check_batch
 from omni_jax.omni_config import OmniConfig
 from omni_jax.train.losses import register_loss
@@ -47,6 +49,7 @@ from omni_jax.train.model import Batch
 from omni_jax.train.omni_model import OmniLM
 
 GEN_KEYS = ("gen_image", "gen_image_mask", "gen_seed", "veh_index")
+log = logging.getLogger(__name__)
 
 
 class XVilaLM:
@@ -137,11 +140,14 @@ class XVilaLM:
             rows.append(np.asarray(r)), found.append(np.asarray(f))
         stats = input_stats(np.concatenate(rows), np.concatenate(found),
                             h.input_norm_eps) if rows else None
-        if stats is None:  # no generation data (an input-side stage): left for a later stage
+        if stats is None:  # the stage's head trains on raw states; a later stage calibrates
+            log.warning("X-VILA head: fewer than 2 rows with generation tokens in %d "
+                        "calibration batch(es); its input statistics stay uncalibrated",
+                        len(batches))
             return params
-        shift, scale = stats
-        return {**params, HEAD: {**params[HEAD], IN_SHIFT: jnp.asarray(shift),
-                                 IN_SCALE: jnp.asarray(scale)}}
+        dt = parse_dtype(h.param_dtype)
+        shift, scale = (jnp.asarray(x, dt) for x in stats)
+        return {**params, HEAD: {**params[HEAD], IN_SHIFT: shift, IN_SCALE: scale}}
 
     def _forward(self, params: Any, batch: Batch, logits: bool = True) -> dict[str, Any]:
         lm_params = {k: v for k, v in params.items() if k not in PARAM_KEYS}

@@ -167,7 +167,9 @@ def test_bad_records_and_configs_are_clear_errors(encoder):
         encoder(draw(0) | {"gen_image": b"not a png"})
     with pytest.raises(ValueError, match="need packing=False"):
         DataConfig(packing=True, gen_image={"shape": [8, 8, 1]})
-    for bad in ({"shape": [8, 4, 1]}, {"shape": [8, 8, 2]}, {"size": 8}):
+    with pytest.raises(ValueError, match="gen_image must be one image"):
+        encoder(draw(0) | {"gen_image": [png(1), png(2)]})
+    for bad in ({"shape": [8, 4, 1]}, {"shape": [8, 8, 2]}, {"size": 8}, {"shape": [8.5, 8, 1]}):
         with pytest.raises(ValueError, match="DataConfig.gen_image must be"):
             DataConfig(gen_image=bad)
     with pytest.raises(ValueError, match="cannot be packed"):
