@@ -134,6 +134,27 @@ def test_batches_carry_static_targets_rows_and_resumable_seeds(encoder):
     assert all(np.array_equal(a, next(it2)["gen_seed"]) for a in after)
 
 
+def test_second_process_rows_point_past_the_first_processes_images(encoder):
+    """Process 1 of 2: veh_index is a row of the global image array (the processes' local
+    arrays concatenated), so its local row is veh_index - max_items."""
+    records = [copy(i) for i in range(4)]
+    cap = 4
+    cfg = DataConfig(batch_size=4, seq_buckets=(64,), gen_image={"shape": list(SHAPE)},
+                     media=media_spec(encoder.config, {"image": cap}), read_threads=0,
+                     sources={"all": {"kind": "jsonl", "path": "unused"}})
+    b = next(iter(make_dataset(cfg, encoder, sources={"all": records}, process_index=1,
+                               process_count=2)))
+    assert b["veh_index"].tolist() == [cap, cap + 1]  # local rows 0 and 1, offset by 4
+    assert b["gen_seed"].tolist() == [2, 3]  # after process 0's rows of the global batch
+    for r in range(2):
+        target = b["gen_image"][r]
+        src = next(rec for rec in records
+                   if np.abs(reference_target(rec["gen_image"]) - target).max() < 1e-6)
+        np.testing.assert_array_equal(b["image"][b["veh_index"][r] - cap],
+                                      encoder._pixels([encoder._image(src["images"][0])],
+                                                      32)[0])
+
+
 def test_collate_points_at_the_global_image_row():
     ex = [{"gen_image": np.zeros(SHAPE, np.float32), "veh_item": np.array([1], np.int32),
            "image": np.zeros((2, 4, 4, 3))},
