@@ -178,15 +178,28 @@ class OmniEncoder:
         t = self.config.image
         return ifeat.ola_canvas_views(rgb, self.image_cfg, t.lowres_size, t.image_size)
 
-    def messages(self, record: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """record["messages"], with a tiling image tower's placeholders repeated per view."""
+    def messages(self, record: Mapping[str, Any], views: Sequence[int] | None = None
+                 ) -> list[dict[str, Any]]:
+        """record["messages"], with a tiling image tower's placeholders repeated per view
+        (views: image_views(record), when already known)."""
         messages = list(record["messages"])
-        refs = _refs(record, "image")
-        if not refs or self.config.image is None or not self.config.image.max_tiles:
+        if not self.tiles(record):
             return messages
-        per_image = [self.num_views(self._image(r)) for r in refs]
+        per_image = self.image_views(record) if views is None else views
         return expand_placeholders(messages, self.template.tokenizer.placeholder_token("image"),
                                    per_image)
+
+    def tiles(self, record: Mapping[str, Any]) -> bool:
+        """Whether the record has images and the image tower tiles them."""
+        t = self.config.image
+        return bool(_refs(record, "image")) and t is not None and bool(t.max_tiles)
+
+    def image_views(self, record: Mapping[str, Any]) -> list[int]:
+        """Items each of the record's images becomes (1 each without tiling)."""
+        refs = _refs(record, "image")
+        if not self.tiles(record):
+            return [1] * len(refs)
+        return [self.num_views(self._image(r)) for r in refs]
 
     def num_views(self, rgb: np.ndarray) -> int:
         """Items one image becomes on this model (1 without tiling)."""
@@ -242,13 +255,12 @@ class OmniEncoder:
             raise ValueError(f"record has no 'messages'; keys: {sorted(record)}")
         media = self.media(record)
         counts = {m: [self.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
-        example = self.template.encode(self.messages(record), media_token_counts=counts)
+        views = self.image_views(record) if self.gen is not None else None
+        example = self.template.encode(self.messages(record, views), media_token_counts=counts)
         out = {**example.to_dict(), **media}
         if self.gen is not None:
             out = self.gen(out, record, decode=lambda ref: self._target(record, ref),
-                           image_items=[self.num_views(self._image(r)) if
-                                        self.config.image.max_tiles else 1
-                                        for r in _refs(record, "image")])
+                           image_items=views)
         return out if self.speech is None else self.speech(out, record)
 
     def _target(self, record: Mapping[str, Any], ref: Any) -> np.ndarray:
