@@ -100,3 +100,42 @@ def test_chat_draws_from_the_run_directory(trained, tmp_path):
     answer = run_chat(saved, workdir, "What digit is this?", images=[src], max_new_tokens=3,
                       echo=lines.append)  # the same run answers in text too
     assert isinstance(answer, str)
+
+
+def test_chat_draws_where_the_model_asks_for_an_image(trained, tmp_path, monkeypatch):
+    """When the model's own answer emits the K generation tokens, the image comes from those
+    positions (its text before them echoed); an answer without them gets the K tokens
+    appended to the prompt. The LLM's answer and the decoder are stubbed: this checks which
+    sequence reaches XVilaLM.generate."""
+    import jax.numpy as jnp
+
+    import omni_jax.cli.chat as chat_mod
+    from omni_jax.data.tokenizer import load_tokenizer
+    from omni_jax.recipes.run import load_run_config
+    from omni_jax.train.xvila_model import XVilaLM
+
+    _, workdir, _, _ = trained
+    saved = load_run_config(workdir)
+    tok = load_tokenizer(saved.tokenizer.to_dict())
+    gid, word = tok.gen_image_id, tok.encode("seven")
+    seen: dict = {}
+
+    def fake_generate(self, params, batch, rng, **kw):
+        seen["ids"] = np.asarray(batch["input_ids"])[0].tolist()
+        return jnp.zeros((1, 8, 8, 1))
+
+    monkeypatch.setattr(XVilaLM, "generate", fake_generate)
+    answers = {"asks": [*word, gid, gid, gid, gid, tok.eos_id, tok.pad_id],
+               "plain": [*word, tok.eos_id, tok.pad_id]}
+    for kind, answer in answers.items():
+        monkeypatch.setattr(chat_mod, "generate_omni",
+                            lambda *a, answer=answer, **k: np.array([answer]))
+        lines: list[str] = []
+        chat_mod.run_chat(saved, workdir, "Draw a seven.", out=str(tmp_path / f"{kind}.png"),
+                          image_steps=2, echo=lines.append)
+        if kind == "asks":
+            assert seen["ids"][-(len(word) + 4):] == [*word, gid, gid, gid, gid]
+            assert lines[0] == tok.decode(word).strip() and "wrote" in lines[-1]
+        else:  # forced: the prompt, then the K tokens
+            assert seen["ids"][-4:] == [gid] * 4 and seen["ids"][-5] != word[-1]
+            assert len(lines) == 1

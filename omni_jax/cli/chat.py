@@ -209,7 +209,7 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
         # in training (data.gen_image)
         veh_row = (encoder.num_views(encoder._image(images[0])) - 1) if images else None
         return _image_out(config, omni, tok, workdir, plan, batch, out, image_steps, guidance,
-                          seed, veh_row, echo)
+                          seed, veh_row, echo, max_new_tokens)
     if tts == "generator" and not speech_trained:
         raise ValueError(f"--tts=generator but stage {plan.name!r} has no trained speech "
                          f"generator (config.model.speech and a stage training 'speech')")
@@ -265,27 +265,42 @@ def run_chat(config: ml_collections.ConfigDict, workdir: str, prompt: str, *,
 def _image_out(config: ml_collections.ConfigDict, omni: OmniConfig, tok: Any, workdir: str,
                plan: omni_recipes.StagePlan, batch: dict[str, np.ndarray], out: str,
                steps: int, guidance: float, seed: int, veh_row: int | None,
-               echo: Callable[[str], None]) -> str:
-    """The prompt + K generation tokens -> one LLM pass -> the image decoder -> PNG at out."""
+               echo: Callable[[str], None], max_new_tokens: int = 256) -> str:
+    """The model answers first; when its answer asks for an image (the K generation tokens
+    x2x_textual trains it to emit), the image comes from those positions, its text before them
+    is echoed; otherwise the K tokens are appended to the prompt. Then one LLM pass -> the
+    image decoder -> PNG at out."""
     import dataclasses
 
     import flax.linen as nn
     import jax
     from PIL import Image
 
-    from omni_jax.decoders.xvila import check_generation
+    from omni_jax.decoders.xvila import PARAM_KEYS, check_generation
     from omni_jax.train.xvila_model import image_to_unit
 
     model = omni_recipes.model_of(config)  # XVilaLM: head, decoder, the tokenizer's gen id
     head = model.head
     check_generation(head, steps, guidance)
-    gen = np.full((1, head.gen_tokens), tok.gen_image_id, batch["input_ids"].dtype)
+    params = nn.unbox(omni_recipes.final_params(workdir, dataclasses.replace(plan, model=model)))
+    lm_vars = {"params": {k: v for k, v in params.items()
+                          if k not in PARAM_KEYS and k not in SPEECH_PARAMS}}
+    ids = np.asarray(generate_omni(model.lm.module, lm_vars, batch, max_new_tokens=max_new_tokens,
+                                   eos_id=(tok.eos_id, tok.endoftext_id), pad_id=tok.pad_id,
+                                   vocab_limit=tok.vocab_size))[0]
+    asked = np.flatnonzero(ids == tok.gen_image_id)
+    if asked.size >= head.gen_tokens:  # the model's own request: its text, then the tokens
+        text = tok.decode(ids[:asked[0]].tolist()).strip()
+        if text:
+            echo(text)
+        gen = ids[None, :asked[head.gen_tokens - 1] + 1].astype(batch["input_ids"].dtype)
+    else:
+        gen = np.full((1, head.gen_tokens), tok.gen_image_id, batch["input_ids"].dtype)
     batch = dict(batch, input_ids=np.concatenate([batch["input_ids"], gen], 1),
                  modality=np.concatenate([batch["modality"], np.zeros_like(gen)], 1))
     has_image = veh_row is not None
     if has_image:
         batch["veh_index"] = np.full((1,), veh_row, np.int32)
-    params = nn.unbox(omni_recipes.final_params(workdir, dataclasses.replace(plan, model=model)))
     img = model.generate(params, batch, jax.random.key(seed), steps=steps,
                          guidance_scale=guidance, image_to_image=has_image)
     pixels = np.round(image_to_unit(img)[0] * 255).astype(np.uint8)  # [H, W, C]
