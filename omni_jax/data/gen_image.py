@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 GEN_KEYS = ("gen_image", "veh_item")  # per-example arrays an encoded example may carry
-BATCH_KEYS = ("gen_image", "gen_image_mask", "veh_index", "gen_seed")
+BATCH_KEYS = ("gen_image", "gen_image_mask", "veh_index", "gen_seed")  # what a batch carries
 LUMA = np.array([0.299, 0.587, 0.114])
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_jax.data.gen_image import BATCH_KEYS
 from omni_jax.data.template import ChatExample, shift_targets
 from omni_jax.decoders.dit import init_decoder
 from omni_jax.decoders.xvila import (
@@ -48,7 +49,7 @@ from omni_jax.train.losses import register_loss
 from omni_jax.train.model import Batch
 from omni_jax.train.omni_model import OmniLM
 
-GEN_KEYS = ("gen_image", "gen_image_mask", "gen_seed", "veh_index")
+GEN_KEYS = BATCH_KEYS  # the image-out batch keys (data.gen_image makes them)
 log = logging.getLogger(__name__)
 
 
