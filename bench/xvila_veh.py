@@ -169,8 +169,10 @@ class Digits:
 
 # ---- training -------------------------------------------------------------------------------
 def train(model: XVilaLM, trainable: list[str], make_batch, steps: int, batch: int, lr: float,
-          seed: int, params: dict | None = None) -> tuple[dict, list[float], float]:
-    """The trainer on `steps` batches of make_batch(step) -> (params, losses, seconds)."""
+          seed: int, calibrated: bool = True) -> tuple[dict, list[float], float]:
+    """Fresh params (the head's input calibrated on 4 fresh batches, as recipes.run does on
+    the stage's first ones), then the trainer on `steps` batches of make_batch(step) ->
+    (params, losses, seconds)."""
     c = default_config()
     c.batch_size, c.steps, c.progress_bar, c.tensorboard, c.seed = batch, steps, False, False, \
         seed
@@ -180,8 +182,9 @@ def train(model: XVilaLM, trainable: list[str], make_batch, steps: int, batch: i
     c.optim.end_lr_ratio = 0.1
     trainer = Trainer(c, model)
     first = make_batch(0)
-    if params is None:
-        params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), first))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), first))["params"]
+    if calibrated:
+        params = model.calibrate(params, [make_batch(10_000 + i) for i in range(4)])
     state = trainer.init_state(first, params=params)
     losses, t0 = [], time.time()
     for step in range(steps):
@@ -253,11 +256,8 @@ def main(argv: list[str]) -> int:
                 ("text_to_image_uncalibrated", align, False),
                 ("text_to_image_llm_trained", ["^llm/", *align], True)):
             model = XVilaLM(config, head_config(True), gen_id)  # VEH rows masked (no image)
-            params = nn.unbox(jax.jit(model.init)(jax.random.key(0), t2i_batch(0)))["params"]
-            if calibrated:  # as recipes.run does: the stage's first batches (here: fresh ones)
-                params = model.calibrate(params, [t2i_batch(10_000 + i) for i in range(4)])
             params, losses, secs = train(model, trainable, t2i_batch, t2i_steps, args.batch,
-                                         args.lr, seed=0, params=params)
+                                         args.lr, seed=0, calibrated=calibrated)
             rng = np.random.default_rng(7)
             batches = [data.t2i(want[i:i + 50], rng, None, 0) for i in range(0, len(want), 50)]
             imgs = generate(model, params, batches, ddim, args.guidance, False)
@@ -284,10 +284,8 @@ def main(argv: list[str]) -> int:
                             step * args.batch)[0]
 
         trainable = ["^llm/", "^video_adapter/", *recipe.OUT_PROJ, *recipe.DECODER]
-        params = nn.unbox(jax.jit(model.init)(jax.random.key(0), v2i_batch(0)))["params"]
-        params = model.calibrate(params, [v2i_batch(10_000 + i) for i in range(4)])
         params, losses, secs = train(model, trainable, v2i_batch, t2i_steps, args.batch,
-                                     args.lr, seed=0, params=params)
+                                     args.lr, seed=0)
         rng = np.random.default_rng(9)
         firsts = np.repeat(np.arange(10), max(1, len(test_idx) // 10))
         pairs = [data.v2i(firsts[i:i + 50], rng, test_idx, 0, targets=False)
@@ -314,10 +312,8 @@ def main(argv: list[str]) -> int:
                 return data.i2i(rng.choice(train_idx, args.batch), step * args.batch)
 
             trainable = base + (recipe.VEH if veh else [])
-            params = nn.unbox(jax.jit(model.init)(jax.random.key(0), i2i_batch(0)))["params"]
-            params = model.calibrate(params, [i2i_batch(10_000 + i) for i in range(4)])
             params, losses, secs = train(model, trainable, i2i_batch, steps, args.batch,
-                                         args.lr, seed=0, params=params)
+                                         args.lr, seed=0)
             batches = [data.i2i(test_idx[i:i + 60], 0, targets=False)
                        for i in range(0, len(test_idx), 60)]
             imgs = generate(model, params, batches, ddim, None, True)
