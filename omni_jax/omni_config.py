@@ -37,6 +37,7 @@ from omni_jax.config_base import check_keys
 from omni_jax.llm.config import LLMConfig
 
 MODALITIES = ("image", "video", "audio")
+SHORT_CLIPS = ("repeat", "pad")  # TowerConfig.short_clips
 MODALITY_CODE = {"text": 0, "image": 1, "video": 2, "audio": 3}  # as in data.template
 # encoder name -> (module, config class, module class, modalities it can serve)
 ENCODERS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
@@ -92,9 +93,17 @@ class TowerConfig:
     # image towers: Ola's two views, the low-res canvas (height, width); image_size is then the
     # high-res canvas. None: one view per image at image_size
     lowres_size: tuple[int, int] | None = None
+    # video towers: a clip with fewer than num_frames frames has its frames "repeat"ed by the
+    # uniform sampling rule (data.features.video.sample_indices), or is "pad"ded at the end with
+    # blank frames (zero pixels after normalisation), so how many frames it had stays visible
+    short_clips: str = "repeat"
 
     def __post_init__(self) -> None:
         where = f"{self.modality} tower"
+        if self.short_clips not in SHORT_CLIPS or (self.short_clips != "repeat"
+                                                   and self.modality != "video"):
+            raise ValueError(f"{where}: short_clips must be one of {SHORT_CLIPS} (a video tower "
+                             f"only for other than 'repeat'), got {self.short_clips!r}")
         if self.max_tiles and (self.modality != "image" or self.max_tiles < 1):
             raise ValueError(f"{where}: max_tiles must be >= 1 on an image tower (0 = off), got "
                              f"{self.max_tiles!r} on {self.modality}")
@@ -150,7 +159,8 @@ class TowerConfig:
         d = dict(d)
         check_keys(f"{modality} tower", d, ("encoder", "encoder_config", "adapter",
                                             "adapter_config", "image_size", "num_frames",
-                                            "num_chunks", "max_tiles", "lowres_size"))
+                                            "num_chunks", "max_tiles", "lowres_size",
+                                            "short_clips"))
         for key in ("encoder", "adapter"):
             if not d.get(key):
                 raise ValueError(f"{modality} tower: '{key}' is required")
@@ -175,7 +185,8 @@ class TowerConfig:
                    None if size is None else (int(size[0]), int(size[1])),
                    None if frames is None else int(frames),
                    None if chunks is None else int(chunks), int(d.get("max_tiles") or 0),
-                   None if low is None else tuple(int(x) for x in low))
+                   None if low is None else tuple(int(x) for x in low),
+                   str(d.get("short_clips") or "repeat"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,12 +163,16 @@ def stage(*, description: str, trainable: Sequence[str], sources: Mapping[str, A
           lr_groups: Mapping[str, Any] | None = None, losses: Mapping[str, Any] | None = None,
           warmup_ratio: float = 0.03, schedule: str = "cosine", weight_decay: float = 0.0,
           clip_norm: float = 1.0, seq_len: int = 2048, packing: bool = True,
-          speech: Mapping[str, int] | None = None) -> ConfigDict:
+          speech: Mapping[str, int] | None = None,
+          init_from: Mapping[str, str] | None = None) -> ConfigDict:
     """One stage: data mixture, trainable regexes, LR groups, losses, schedule, length, batch.
 
     Exactly one of steps / epochs (epochs -> steps = ceil(epochs * records / batch_size)).
     optim is an OptimConfig dict; its warmup_steps (0 here) is set from warmup_ratio * steps.
     speech: speech-out stages' static target lengths {text_len, units_len} (no packing).
+    init_from: {module: source module}, top-level parameter subtrees of the same structure,
+    e.g. {"video_adapter": "image_adapter"}: the stage starts the module from the source's
+    values at the end of the previous stage (not on resume: a checkpoint holds its own).
     """
     if speech and packing:
         raise ValueError(f"stage {description!r}: speech-out targets need packing=False")
@@ -192,6 +196,7 @@ def stage(*, description: str, trainable: Sequence[str], sources: Mapping[str, A
         # record, or batch * (seq_len // tokens per item) with packing). A batch needing more
         # items than its budget is an error.
         "media_items": {},
+        "init_from": dict(init_from or {}),
     })
 
 

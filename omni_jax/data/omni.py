@@ -152,18 +152,22 @@ class OmniEncoder:
 
     def _video(self, ref: Any) -> np.ndarray:
         t = self.config.video
+        repeat = t.short_clips == "repeat"
         if isinstance(ref, list | tuple):  # a list of frame images
             if not ref:
                 raise ValueError("video: empty frame list; expected at least one frame")
             frames = [self._image(r) for r in ref]
             if len({f.shape for f in frames}) != 1:
                 raise ValueError("video: frames differ in size; expected one size per video")
-            frames = vfeat.sample_frames(np.stack(frames), t.num_frames)
+            frames = vfeat.sample_frames(np.stack(frames), t.num_frames, repeat)
         else:
-            frames = vfeat.decode_video(read_media(ref), t.num_frames)
+            frames = vfeat.decode_video(read_media(ref), t.num_frames, repeat)
         if t.adapter in ("ola_lgap",):  # Ola: frame area clamped, sides x 64, gray canvas
-            return ifeat.ola_frames(list(frames), self.image_cfg, t.image_size)
-        return self._pixels(list(frames), t.image_size[0])
+            pixels = ifeat.ola_frames(list(frames), self.image_cfg, t.image_size)
+        else:
+            pixels = self._pixels(list(frames), t.image_size[0])  # [T', S, S, 3]
+        blank = t.num_frames - pixels.shape[0]  # short_clips="pad": blank frames after the clip
+        return np.pad(pixels, ((0, blank), (0, 0), (0, 0), (0, 0))) if blank else pixels
 
     def views(self, rgb: np.ndarray) -> np.ndarray:
         """Tiling image tower: one image -> its tiles (best grid of up to max_tiles) then the

@@ -25,7 +25,7 @@ from omni_jax.utils import fs
 
 STAGE_KEYS = ("trainable", "lr_groups", "losses")
 STAGE_FIELDS = {"description", "data", "optim", "warmup_ratio", "steps", "epochs",
-                "batch_size", "media_items", *STAGE_KEYS}
+                "batch_size", "media_items", "init_from", *STAGE_KEYS}
 # config.train keys the trainer does not take
 TRAIN_ONLY = ("fused_head_chunk", "plan_devices", "plan_compile")
 
@@ -137,6 +137,7 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM | None = None, *,
         if unknown:
             raise ValueError(f"stage {name!r}: unknown keys {unknown}; a stage takes "
                              f"{sorted(STAGE_FIELDS)}")
+        check_init_from(name, dict(s.get("init_from") or {}), params, first=not plans)
         stage = StageConfig.from_dict({"name": name, **{k: s[k] for k in STAGE_KEYS}})
         labels = jax.tree.leaves(label_tree(params, stage))  # ValueError: pattern matches none
         make_objective(stage.losses)  # ValueError: unknown loss
@@ -151,6 +152,35 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM | None = None, *,
         trainable = sum(n for n, lab in zip(sizes, labels) if lab != FREEZE)
         plans.append(StagePlan(name, tc, data, steps, trainable, sum(sizes), groups, m))
     return plans
+
+
+def check_init_from(name: str, init_from: Mapping[str, str], params: Any, first: bool) -> None:
+    """ValueError unless every {module: source} of a stage's init_from names two top-level
+    parameter subtrees of one structure and shapes, on a stage that has a previous stage."""
+    if init_from and first:
+        raise ValueError(f"stage {name!r}: init_from {init_from} needs a previous stage whose "
+                         f"final parameters it copies; this is the recipe's first stage")
+    for dst, src in init_from.items():
+        missing = [m for m in (dst, src) if m not in params]
+        if missing or dst == src:
+            raise ValueError(f"stage {name!r}: init_from {dst!r} <- {src!r} must name two "
+                             f"different top-level parameter subtrees of the model "
+                             f"{sorted(params)}" + (f"; missing: {missing}" if missing else ""))
+        shapes = [jax.tree.map(lambda x: tuple(x.shape), params[m]) for m in (dst, src)]
+        if shapes[0] != shapes[1]:
+            raise ValueError(f"stage {name!r}: init_from {dst!r} <- {src!r}: the subtrees "
+                             f"differ in structure or shapes ({shapes[0]} vs {shapes[1]}); "
+                             "they must be the same module configuration")
+
+
+def apply_init_from(params: Any, init_from: Mapping[str, str]) -> Any:
+    """params with each init_from module replaced by a copy of its source's values."""
+    if not init_from:
+        return params
+    out = dict(params)
+    for dst, src in init_from.items():
+        out[dst] = jax.tree.map(lambda x: x.copy(), params[src])  # no buffer shared (donation)
+    return type(params)(out) if not isinstance(params, dict) else out
 
 
 def format_plan(config: ml_collections.ConfigDict, plans: Sequence[StagePlan]) -> str:

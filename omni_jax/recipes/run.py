@@ -21,6 +21,7 @@ import ml_collections
 
 from omni_jax.recipes.init import load_init
 from omni_jax.recipes.plan import (
+    apply_init_from,
     example_batch,
     final_params,
     format_plan,
@@ -121,6 +122,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stage: str | None = 
             params = final_params(workdir, plans[i - 1], model)
         if params is not None:
             params = plan.model.prepare_params(params)
+            params = apply_init_from(params, dict(config.stages[plan.name].get("init_from")
+                                                  or {}))
         echo(f"stage {plan.name}: {plan.trainer_config.steps} steps"
              + (f", from stage {plans[i - 1].name}'s final parameters" if i > 0 else ""))
         trainer = Trainer(plan.trainer_config, plan.model)

@@ -33,12 +33,21 @@ def sample_indices(total_frames: int, num_frames: int) -> np.ndarray:
     return (i * (total_frames - 1)) // (num_frames - 1)
 
 
-def sample_frames(frames: np.ndarray, num_frames: int) -> np.ndarray:
-    """[T, H, W, 3] uint8 frames -> [num_frames, H, W, 3] by sample_indices."""
+def clip_indices(total_frames: int, num_frames: int, repeat: bool = True) -> np.ndarray:
+    """sample_indices, except that without `repeat` a clip of fewer than num_frames frames keeps
+    each of its frames once (all T of them, in order) instead of repeating some."""
+    if not repeat and 0 < total_frames < num_frames:
+        return np.arange(total_frames, dtype=np.int64)
+    return sample_indices(total_frames, num_frames)
+
+
+def sample_frames(frames: np.ndarray, num_frames: int, repeat: bool = True) -> np.ndarray:
+    """[T, H, W, 3] uint8 frames -> [num_frames, H, W, 3] by sample_indices (without `repeat`,
+    a shorter clip's T frames as they are: clip_indices)."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got shape {frames.shape}")
-    return frames[sample_indices(frames.shape[0], num_frames)]
+    return frames[clip_indices(frames.shape[0], num_frames, repeat)]
 
 
 def _open(source: bytes | str | os.PathLike) -> av.container.InputContainer:
@@ -66,16 +75,18 @@ def _decode(source: bytes | str | os.PathLike) -> Iterator[av.VideoFrame]:
         container.close()
 
 
-def decode_video(source: bytes | str | os.PathLike, num_frames: int) -> np.ndarray:
+def decode_video(source: bytes | str | os.PathLike, num_frames: int, repeat: bool = True
+                 ) -> np.ndarray:
     """Encoded video (bytes or path) -> [num_frames, H, W, 3] uint8 RGB, uniformly sampled
-    (sample_indices) over all decoded frames. Only the sampled frames are converted to RGB;
-    the count comes from a first decode pass (container metadata is often missing/wrong)."""
+    (sample_indices) over all decoded frames (without `repeat`, a shorter clip's frames once
+    each: clip_indices). Only the sampled frames are converted to RGB; the count comes from a
+    first decode pass (container metadata is often missing/wrong)."""
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     total = sum(1 for _ in _decode(source))
     if total == 0:
         raise ValueError("decode_video: the video has zero frames; expected at least one")
-    wanted = sample_indices(total, num_frames)
+    wanted = clip_indices(total, num_frames, repeat)
     picked: dict[int, np.ndarray] = {}
     keep = set(wanted.tolist())
     for i, frame in enumerate(_decode(source)):
