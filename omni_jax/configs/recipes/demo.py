@@ -63,7 +63,6 @@ def _model(units: int) -> ml_collections.ConfigDict:
 
     model = importlib.import_module("omni_jax.configs.models.demo").get_config("mlp")
     llm = model.llm
-    model.video.short_clips = "pad"  # a 3-frame clip shows 3 frames + blanks: count is visible
     model.speech = speech_preset("tiny", int(llm.hidden_size), mode="ctc",
                                  text_vocab=int(llm.vocab_size), unit_vocab=units).to_dict()
     return model
@@ -106,7 +105,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                    spoken_image_qa=0.75, speech_asr=0.75,
                                    image_caption=0.1) | self_asr(0.5),
             steps=steps("video"), batch_size=BATCH["video"], seq_len=SEQ["video"],
-            init_from={"video_adapter": "image_adapter"},  # frames read as images are
             **{**base, "lr": VIDEO_LR}),
         "speech_gen": common.stage(
             description="speech generation (CTC): the speech generator only (LLM frozen)",
