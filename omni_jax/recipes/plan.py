@@ -180,7 +180,7 @@ def apply_init_from(params: Any, init_from: Mapping[str, str]) -> Any:
     out = dict(params)
     for dst, src in init_from.items():
         out[dst] = jax.tree.map(lambda x: x.copy(), params[src])  # no buffer shared (donation)
-    return type(params)(out) if not isinstance(params, dict) else out
+    return type(params)(out)  # dict or FrozenDict, as given
 
 
 def format_plan(config: ml_collections.ConfigDict, plans: Sequence[StagePlan]) -> str:
