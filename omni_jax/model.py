@@ -278,12 +278,14 @@ class OmniModel(nn.Module):
 
     def __call__(self, batch: Mapping[str, Any], *, cache: dict | None = None,
                  compute_logits: bool = True) -> dict[str, Any]:
-        """-> {"logits", "hidden", "cache"} (+ "highway" [n, T, out_dim] when configured)."""
+        """-> {"logits", "hidden", "cache", "inputs_embeds"} (+ "highway" [n, T, out_dim] when
+        configured); inputs_embeds [batch, seq, D]: the LLM's input, media scattered in."""
         features: dict = {}
         x = self.embed_inputs(batch, features)
         out = self.llm(inputs_embeds=x, positions=batch.get("positions"),
                        segment_ids=batch.get("segment_ids"), cache=cache,
                        compute_logits=compute_logits)
+        out["inputs_embeds"] = x
         if self.config.highway is not None:
             m = "image" if "image" in features else "video"
             if m in features:  # the features the LLM input used: no second encoder pass

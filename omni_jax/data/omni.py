@@ -96,11 +96,22 @@ class OmniEncoder:
 
     def __init__(self, config: OmniConfig, template: ChatTemplate,
                  image: ImageConfig | None = None, audio: AudioConfig | None = None,
-                 speech: Any = None, gen: Any = None) -> None:
+                 speech: Any = None, gen: Any = None,
+                 transcript_tasks: Sequence[str] = ()) -> None:
         """speech: a data.speech.SpeechTargets adding speech-out targets to records with a
         spoken answer (None: speech fields of records are ignored); gen: a
-        data.gen_image.GenTargets adding image-out targets (None: gen_image fields ignored)."""
+        data.gen_image.GenTargets adding image-out targets (None: gen_image fields ignored);
+        transcript_tasks: record tasks whose answer transcribes the audio: every example then
+        carries `transcript_mask` (see transcript_mask), for the `audio_ctc` loss."""
         self.config, self.template, self.speech, self.gen = config, template, speech, gen
+        if isinstance(transcript_tasks, str) or not all(
+                isinstance(t, str) and t for t in transcript_tasks):
+            raise ValueError(f"OmniEncoder: transcript_tasks must be a sequence of task names, "
+                             f"got {transcript_tasks!r}")
+        if transcript_tasks and config.audio is None:
+            raise ValueError("OmniEncoder: transcript_tasks need a model with an audio tower")
+        self.transcript_tasks = tuple(transcript_tasks)
+        self._specials = np.asarray(sorted(template.tokenizer.special_ids.values()), np.int32)
         self.counts = {m: tokens_per_item(config, m) for m in MODALITIES if getattr(config, m)}
         self.image_cfg = image or ImageConfig()
         for m in ("image", "video"):
@@ -262,10 +273,22 @@ class OmniEncoder:
         views = self.image_views(record) if self.gen is not None else None
         example = self.template.encode(self.messages(record, views), media_token_counts=counts)
         out = {**example.to_dict(), **media}
+        if self.transcript_tasks:
+            out["transcript_mask"] = self.transcript_mask(record, out)
         if self.gen is not None:
             out = self.gen(out, record, decode=lambda ref: self._target(record, ref),
                            image_items=views)
         return out if self.speech is None else self.speech(out, record)
+
+    def transcript_mask(self, record: Mapping[str, Any], example: Mapping[str, np.ndarray]
+                        ) -> np.ndarray:
+        """[seq] int32: 1 on the answer tokens of a record whose task is a transcript task and
+        which has audio (special tokens such as <|im_end|> excluded), else all 0."""
+        ids = example["input_ids"]
+        if record.get("task") not in self.transcript_tasks or "audio" not in example:
+            return np.zeros(ids.shape, np.int32)
+        keep = (example["loss_mask"] > 0) & ~np.isin(ids, self._specials)
+        return keep.astype(np.int32)
 
     def _target(self, record: Mapping[str, Any], ref: Any) -> np.ndarray:
         """An image-out target -> uint8 RGB; CorruptMediaError when unreadable."""

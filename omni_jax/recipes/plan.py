@@ -116,6 +116,7 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM | None = None, *,
     count_data: count the manifests' records to turn `epochs` into steps (when they exist)."""
     import flax.linen as nn
 
+    from omni_jax.train.audio_ctc import check_stage as check_audio_ctc
     from omni_jax.train.losses import make_objective
 
     model = model_of(config) if model is None else model
@@ -142,6 +143,8 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM | None = None, *,
         labels = jax.tree.leaves(label_tree(params, stage))  # ValueError: pattern matches none
         make_objective(stage.losses)  # ValueError: unknown loss
         data = resolve_data(config, model.config, s)
+        check_audio_ctc(name, s.losses, data, config.get("transcript_tasks"),
+                        model.config.audio is not None)
         have = all(fs.exists(p) for src in data["sources"].values()
                    for p in ([src["path"]] if isinstance(src["path"], str) else src["path"]))
         steps = stage_steps(name, s, data, count_records if count_data and have else None)
@@ -263,7 +266,8 @@ def make_encoder(config: ml_collections.ConfigDict, omni: OmniConfig) -> Any:
         return TextOnlyEncoder(template)
     return OmniEncoder(omni, template, audio=audio_config(config),
                        speech=speech_targets(config, omni, template),
-                       gen=gen_targets(config, template))
+                       gen=gen_targets(config, template),
+                       transcript_tasks=tuple(config.get("transcript_tasks") or ()))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

@@ -146,4 +146,5 @@ def make_objective(losses: Mapping[str, float | Mapping[str, Any]],
     return objective
 
 
-from omni_jax.train import speech_losses  # noqa: E402,F401  registers ctc, unit_ce, dpo, moe_aux
+# registers audio_ctc; ctc, unit_ce, dpo, moe_aux
+from omni_jax.train import audio_ctc, speech_losses  # noqa: E402,F401

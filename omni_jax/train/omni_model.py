@@ -91,13 +91,13 @@ class OmniLM:
         result = {k: v for k, v in out.items() if k not in ("cache", "logits", "hidden")}
         if self.speech is not None and batch.get("speech_text_ids") is not None:
             result.update(self.speech.outputs(params, out["hidden"], batch))
-        if not fused:
-            return {**result, "logits": out["logits"], "hidden": None}
         llm = params["llm"]
         if self.config.llm.tie_word_embeddings:
             kernel = jnp.transpose(llm["embed"]["embedding"])  # [embed, vocab]
         else:
             kernel = llm["lm_head"]["kernel"]
+        if not fused:  # lm_head: for losses on other states (audio_ctc); "ce" uses logits
+            return {**result, "logits": out["logits"], "hidden": None, "lm_head": kernel}
         return {**result, "hidden": out["hidden"], "lm_head": kernel}
 
     def flops_per_token(self, seq_len: int) -> float:

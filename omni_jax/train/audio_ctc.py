@@ -1,0 +1,99 @@
+"""Auxiliary CTC on the LLM's audio input tokens: hybrid CTC / attention ASR (Watanabe et al.,
+2017) for an audio tower trained from scratch.
+
+A tower trained only through the LLM's next-token loss learns slowly where each word sits: the
+demo's from-scratch Whisper reads the first spoken digit (fixed position) but not the rest.
+`audio_ctc` scores each audio token of a transcribed clip against the transcript with CTC,
+classifying the token with the LLM's own output head (tied: the token embeddings), plus a
+fixed zero logit as the blank. It adds no parameters and pulls audio tokens towards the text
+embeddings of the words they carry, which the LLM already reads.
+
+Batch: `transcript_mask` [batch, seq] (data.omni.OmniEncoder with `transcript_tasks`) marks the
+transcript tokens of input_ids (an ASR answer without its <|im_end|>); audio tokens are the
+positions with modality == audio. One conversation per row (packing off, checked at plan
+time). Rows with more audio tokens than `max_frames` or transcript tokens than `max_labels`
+are left out (counted as "overflow"), never truncated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from omni_jax.train.losses import register_loss
+from omni_jax.train.speech_losses import _require, _with_check, ctc_nll
+
+AUDIO_CODE = 3  # data.template's modality id of audio placeholders
+TRANSCRIPT_KEY = "transcript_mask"
+
+
+def _check(*, max_frames: int = 0, max_labels: int = 0, zero_infinity: bool = True) -> None:
+    if int(max_frames) <= 0 or int(max_labels) <= 0:
+        raise ValueError(f"loss 'audio_ctc': max_frames and max_labels must be positive ints "
+                         f"(static per-row caps: audio tokens, transcript tokens), got "
+                         f"{max_frames}, {max_labels}")
+
+
+def left_pack(mask: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """mask [B, S] -> (positions [B, width] of its True entries first, in order; their mask)."""
+    order = jnp.argsort(jnp.logical_not(mask).astype(jnp.int32), axis=-1, stable=True)
+    order = order[:, :width]
+    return order, jnp.take_along_axis(mask, order, axis=-1)
+
+
+def audio_ctc_log_probs(embeds: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Audio tokens [B, F, D], output head [D, V] -> log-probs [B, F, V + 1] (blank last, its
+    logit fixed at 0), fp32."""
+    logits = jnp.einsum("bfd,dv->bfv", embeds.astype(jnp.float32), kernel.astype(jnp.float32))
+    blank = jnp.zeros((*logits.shape[:2], 1), jnp.float32)
+    return jax.nn.log_softmax(jnp.concatenate([logits, blank], axis=-1), axis=-1)
+
+
+@register_loss("audio_ctc")
+@_with_check(_check)
+def audio_ctc_loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
+                   max_frames: int = 0, max_labels: int = 0,
+                   zero_infinity: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sum of per-row CTC nll over transcribed rows / their transcript tokens."""
+    _check(max_frames=max_frames, max_labels=max_labels, zero_infinity=zero_infinity)
+    _require("audio_ctc", "outputs", outputs, ("inputs_embeds", "lm_head"))
+    _require("audio_ctc", "batch", batch, ("input_ids", "modality", TRANSCRIPT_KEY))
+    audio = batch["modality"] == AUDIO_CODE  # [B, S]
+    words = batch[TRANSCRIPT_KEY] > 0
+    n_frames = jnp.sum(audio, axis=-1)
+    n_labels = jnp.sum(words, axis=-1)
+    fpos, fmask = left_pack(audio, int(max_frames))
+    lpos, lmask = left_pack(words, int(max_labels))
+    frames = jnp.take_along_axis(outputs["inputs_embeds"], fpos[..., None], axis=1)
+    labels = jnp.take_along_axis(batch["input_ids"], lpos, axis=-1)
+    overflow = (n_frames > max_frames) | (n_labels > max_labels)
+    used = (n_labels > 0) & (n_frames > 0) & ~overflow
+    log_probs = audio_ctc_log_probs(frames, outputs["lm_head"])  # [B, F, V + 1]
+    nll, feasible = ctc_nll(log_probs, fmask, labels, lmask & used[:, None],
+                            zero_infinity=zero_infinity)
+    tokens = jnp.sum(jnp.where(used, n_labels, 0).astype(jnp.float32))
+    loss = jnp.sum(nll) / jnp.maximum(tokens, 1.0)
+    return loss, {"ctc": loss, "rows": jnp.sum(used).astype(jnp.float32), "tokens": tokens,
+                  "overflow": jnp.sum(overflow & (n_labels > 0)).astype(jnp.float32),
+                  "infeasible": jnp.sum(used & ~feasible).astype(jnp.float32)}
+
+
+def check_stage(name: str, losses: Mapping[str, Any], data: Mapping[str, Any],
+                transcript_tasks: Any, has_audio: bool) -> None:
+    """ValueError unless a stage with the `audio_ctc` loss can feed it: an audio tower, the
+    recipe's transcript_tasks set (the encoder marks them), one conversation per row."""
+    if "audio_ctc" not in dict(losses):
+        return
+    if not has_audio:
+        raise ValueError(f"stage {name!r}: loss 'audio_ctc' needs a model with an audio tower")
+    if not transcript_tasks:
+        raise ValueError(f"stage {name!r}: loss 'audio_ctc' needs the recipe's "
+                         "transcript_tasks (record tasks whose answer is the audio's "
+                         "transcript, e.g. ('speech_asr',)); it is empty")
+    if data.get("packing"):
+        raise ValueError(f"stage {name!r}: loss 'audio_ctc' needs packing=False (one "
+                         "conversation per row: a row's audio tokens and transcript must be "
+                         "one example's)")
