@@ -30,7 +30,8 @@ AUDIO_CODE = 3  # data.template's modality id of audio placeholders
 TRANSCRIPT_KEY = "transcript_mask"
 
 
-def _check(*, max_frames: int = 0, max_labels: int = 0, zero_infinity: bool = True) -> None:
+def _check(*, max_frames: int = 0, max_labels: int = 0, zero_infinity: bool = True,
+           head_grad: bool = False) -> None:
     if int(max_frames) <= 0 or int(max_labels) <= 0:
         raise ValueError(f"loss 'audio_ctc': max_frames and max_labels must be positive ints "
                          f"(static per-row caps: audio tokens, transcript tokens), got "
@@ -55,10 +56,13 @@ def audio_ctc_log_probs(embeds: jax.Array, kernel: jax.Array) -> jax.Array:
 @register_loss("audio_ctc")
 @_with_check(_check)
 def audio_ctc_loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
-                   max_frames: int = 0, max_labels: int = 0,
-                   zero_infinity: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Sum of per-row CTC nll over transcribed rows / their transcript tokens."""
-    _check(max_frames=max_frames, max_labels=max_labels, zero_infinity=zero_infinity)
+                   max_frames: int = 0, max_labels: int = 0, zero_infinity: bool = True,
+                   head_grad: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sum of per-row CTC nll over transcribed rows / their transcript tokens. head_grad:
+    also train the output head (the LLM's token embeddings when tied) on this loss; off, the
+    embeddings are fixed targets and only the audio path moves."""
+    _check(max_frames=max_frames, max_labels=max_labels, zero_infinity=zero_infinity,
+           head_grad=head_grad)
     _require("audio_ctc", "outputs", outputs, ("inputs_embeds", "lm_head"))
     _require("audio_ctc", "batch", batch, ("input_ids", "modality", TRANSCRIPT_KEY))
     audio = batch["modality"] == AUDIO_CODE  # [B, S]
@@ -71,7 +75,8 @@ def audio_ctc_loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *
     labels = jnp.take_along_axis(batch["input_ids"], lpos, axis=-1)
     overflow = (n_frames > max_frames) | (n_labels > max_labels)
     used = (n_labels > 0) & (n_frames > 0) & ~overflow
-    log_probs = audio_ctc_log_probs(frames, outputs["lm_head"])  # [B, F, V + 1]
+    head = outputs["lm_head"] if head_grad else jax.lax.stop_gradient(outputs["lm_head"])
+    log_probs = audio_ctc_log_probs(frames, head)  # [B, F, V + 1]
     nll, feasible = ctc_nll(log_probs, fmask, labels, lmask & used[:, None],
                             zero_infinity=zero_infinity)
     tokens = jnp.sum(jnp.where(used, n_labels, 0).astype(jnp.float32))
