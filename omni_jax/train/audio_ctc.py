@@ -4,9 +4,10 @@
 A tower trained only through the LLM's next-token loss learns slowly where each word sits: the
 demo's from-scratch Whisper reads the first spoken digit (fixed position) but not the rest.
 `audio_ctc` scores each audio token of a transcribed clip against the transcript with CTC,
-classifying the token with the LLM's own output head (tied: the token embeddings), plus a
-fixed zero logit as the blank. It adds no parameters and pulls audio tokens towards the text
-embeddings of the words they carry, which the LLM already reads.
+classifying the token by its cosine to the LLM's own output head (tied: the token
+embeddings), plus a fixed blank logit (a frame is blank unless it is nearer than `blank_cos`
+to a word). It adds no parameters and turns audio tokens towards the text embeddings of the
+words they carry, which the LLM already reads, without touching their norm.
 
 Batch: `transcript_mask` [batch, seq] (data.omni.OmniEncoder with `transcript_tasks`) marks the
 transcript tokens of input_ids (an ASR answer without its <|im_end|>); audio tokens are the
@@ -28,14 +29,19 @@ from omni_jax.train.speech_losses import _require, _with_check, ctc_nll
 
 AUDIO_CODE = 3  # data.template's modality id of audio placeholders
 TRANSCRIPT_KEY = "transcript_mask"
+# cosine classifier: logits = SCALE * cos(audio token, embedding); the blank's = SCALE * BLANK_COS
+SCALE, BLANK_COS = 24.0, 0.5
 
 
 def _check(*, max_frames: int = 0, max_labels: int = 0, zero_infinity: bool = True,
-           head_grad: bool = False) -> None:
+           head_grad: bool = False, scale: float = SCALE, blank_cos: float = BLANK_COS) -> None:
     if int(max_frames) <= 0 or int(max_labels) <= 0:
         raise ValueError(f"loss 'audio_ctc': max_frames and max_labels must be positive ints "
                          f"(static per-row caps: audio tokens, transcript tokens), got "
                          f"{max_frames}, {max_labels}")
+    if not float(scale) > 0 or not -1.0 <= float(blank_cos) <= 1.0:
+        raise ValueError(f"loss 'audio_ctc': scale must be > 0 and blank_cos in [-1, 1], got "
+                         f"{scale}, {blank_cos}")
 
 
 def left_pack(mask: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
@@ -45,11 +51,18 @@ def left_pack(mask: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
     return order, jnp.take_along_axis(mask, order, axis=-1)
 
 
-def audio_ctc_log_probs(embeds: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Audio tokens [B, F, D], output head [D, V] -> log-probs [B, F, V + 1] (blank last, its
-    logit fixed at 0), fp32."""
-    logits = jnp.einsum("bfd,dv->bfv", embeds.astype(jnp.float32), kernel.astype(jnp.float32))
-    blank = jnp.zeros((*logits.shape[:2], 1), jnp.float32)
+def audio_ctc_log_probs(embeds: jax.Array, kernel: jax.Array, scale: float = SCALE,
+                        blank_cos: float = BLANK_COS) -> jax.Array:
+    """Audio tokens [B, F, D], output head [D, V] -> log-probs [B, F, V + 1], fp32: logits
+    scale * cosine(token, head column), the blank (last) scale * blank_cos. Cosine, not a dot
+    product: with dot products the tower grew its tokens' norm (154 vs the text embeddings'
+    0.6) and the LLM reading them degraded."""
+    x = embeds.astype(jnp.float32)
+    k = kernel.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+    k = k * jax.lax.rsqrt(jnp.sum(k * k, axis=0, keepdims=True) + 1e-12)
+    logits = scale * jnp.einsum("bfd,dv->bfv", x, k)
+    blank = jnp.full((*logits.shape[:2], 1), scale * blank_cos, jnp.float32)
     return jax.nn.log_softmax(jnp.concatenate([logits, blank], axis=-1), axis=-1)
 
 
@@ -57,12 +70,13 @@ def audio_ctc_log_probs(embeds: jax.Array, kernel: jax.Array) -> jax.Array:
 @_with_check(_check)
 def audio_ctc_loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
                    max_frames: int = 0, max_labels: int = 0, zero_infinity: bool = True,
-                   head_grad: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   head_grad: bool = False, scale: float = SCALE,
+                   blank_cos: float = BLANK_COS) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sum of per-row CTC nll over transcribed rows / their transcript tokens. head_grad:
     also train the output head (the LLM's token embeddings when tied) on this loss; off, the
     embeddings are fixed targets and only the audio path moves."""
     _check(max_frames=max_frames, max_labels=max_labels, zero_infinity=zero_infinity,
-           head_grad=head_grad)
+           head_grad=head_grad, scale=scale, blank_cos=blank_cos)
     _require("audio_ctc", "outputs", outputs, ("inputs_embeds", "lm_head"))
     _require("audio_ctc", "batch", batch, ("input_ids", "modality", TRANSCRIPT_KEY))
     audio = batch["modality"] == AUDIO_CODE  # [B, S]
@@ -76,7 +90,7 @@ def audio_ctc_loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *
     overflow = (n_frames > max_frames) | (n_labels > max_labels)
     used = (n_labels > 0) & (n_frames > 0) & ~overflow
     head = outputs["lm_head"] if head_grad else jax.lax.stop_gradient(outputs["lm_head"])
-    log_probs = audio_ctc_log_probs(frames, head)  # [B, F, V + 1]
+    log_probs = audio_ctc_log_probs(frames, head, scale, blank_cos)  # [B, F, V + 1]
     nll, feasible = ctc_nll(log_probs, fmask, labels, lmask & used[:, None],
                             zero_infinity=zero_infinity)
     tokens = jnp.sum(jnp.where(used, n_labels, 0).astype(jnp.float32))

@@ -22,6 +22,7 @@ from omni_jax.train.omni_model import OmniLM
 from tests.data.test_omni_data import AUDIO, CONFIG
 
 B, S, D, V = 4, 24, 8, 11
+SCALE, BLANK = 5.0, 0.25
 
 
 def _batch(rng):
@@ -42,7 +43,8 @@ def _batch(rng):
 
 
 def _torch_reference(embeds, kernel, batch, max_labels):
-    """Per row: the audio tokens in order @ kernel, a zero blank logit appended, log-softmax,
+    """Per row: SCALE * cosine(audio tokens in order, kernel columns), the blank logit
+    SCALE * BLANK appended, log-softmax,
     torch CTC (float64) summed over rows with 0 < labels <= max_labels, / their labels."""
     e = torch.tensor(embeds, dtype=torch.float64, requires_grad=True)
     k = torch.tensor(kernel, dtype=torch.float64, requires_grad=True)
@@ -52,8 +54,10 @@ def _torch_reference(embeds, kernel, batch, max_labels):
         lab = batch["input_ids"][r][batch["transcript_mask"][r] > 0]
         if len(lab) == 0 or len(lab) > max_labels:
             continue
-        logits = e[r, torch.tensor(fr)] @ k
-        logits = torch.cat([logits, torch.zeros(len(fr), 1, dtype=torch.float64)], -1)
+        x = e[r, torch.tensor(fr)]
+        cos = (x / x.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=0, keepdim=True))
+        logits = torch.cat([SCALE * cos, torch.full((len(fr), 1), SCALE * BLANK,
+                                                     dtype=torch.float64)], -1)
         lp = torch.log_softmax(logits, -1)[:, None]  # [T, 1, V + 1]
         total = total + torch.nn.functional.ctc_loss(
             lp, torch.tensor(lab[None], dtype=torch.long), torch.tensor([len(fr)]),
@@ -73,7 +77,7 @@ def test_audio_ctc_value_and_grads_match_torch():
 
     def f(e, k, head_grad=True):
         return audio_ctc_loss({"inputs_embeds": e, "lm_head": k}, batch, max_frames=12,
-                              max_labels=6, head_grad=head_grad)
+                              max_labels=6, head_grad=head_grad, scale=SCALE, blank_cos=BLANK)
 
     (loss, metrics), (g_e, g_k) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
         jnp.asarray(embeds), jnp.asarray(kernel))
@@ -90,6 +94,9 @@ def test_audio_ctc_value_and_grads_match_torch():
     # too few frame slots for row 0 (8 audio tokens): row 0 is left out, not truncated
     loss2, m2 = audio_ctc_loss({"inputs_embeds": embeds, "lm_head": kernel}, batch,
                                max_frames=7, max_labels=6)
+    # the norm of an audio token does not change the loss (cosine classifier)
+    loss3, _ = f(jnp.asarray(embeds) * 7.0, jnp.asarray(kernel))
+    np.testing.assert_allclose(float(loss3), ref, rtol=1e-6)
     assert float(m2["rows"]) == 1 and float(m2["overflow"]) == 2
     assert np.isfinite(float(loss2))
 
@@ -98,6 +105,9 @@ def test_audio_ctc_options_and_missing_inputs():
     assert "audio_ctc" in LOSSES
     with pytest.raises(ValueError, match="max_frames and max_labels"):
         make_objective({"audio_ctc": {"weight": 1.0, "max_frames": 8}})
+    with pytest.raises(ValueError, match="blank_cos"):
+        make_objective({"audio_ctc": {"weight": 1.0, "max_frames": 8, "max_labels": 4,
+                                      "blank_cos": 2.0}})
     batch = _batch(np.random.default_rng(1))
     with pytest.raises(ValueError, match="inputs_embeds"):
         audio_ctc_loss({"logits": None}, batch, max_frames=8, max_labels=4)
