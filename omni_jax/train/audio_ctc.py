@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from omni_jax.train.losses import register_loss
 from omni_jax.train.speech_losses import _require, _with_check, ctc_nll
@@ -51,6 +52,25 @@ def left_pack(mask: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
     return order, jnp.take_along_axis(mask, order, axis=-1)
 
 
+def audio_frames(embeds: jax.Array, modality: jax.Array, max_frames: int
+                 ) -> tuple[jax.Array, jax.Array]:
+    """The audio tokens of each row, in order -> (frames [B, max_frames, D], their mask)."""
+    pos, mask = left_pack(modality == AUDIO_CODE, int(max_frames))
+    return jnp.take_along_axis(embeds, pos[..., None], axis=1), mask
+
+
+def greedy_decode(log_probs: np.ndarray, frame_mask: np.ndarray) -> list[list[int]]:
+    """CTC best path per row: the argmax of each real frame, repeats merged, blanks (the last
+    index) dropped -> token ids."""
+    blank = log_probs.shape[-1] - 1
+    out = []
+    for lp, m in zip(np.asarray(log_probs), np.asarray(frame_mask, bool)):
+        best = lp[m].argmax(-1)
+        keep = np.concatenate([[True], best[1:] != best[:-1]]) & (best != blank)
+        out.append([int(t) for t in best[keep]])
+    return out
+
+
 def audio_ctc_log_probs(embeds: jax.Array, kernel: jax.Array, scale: float = SCALE,
                         blank_cos: float = BLANK_COS) -> jax.Array:
     """Audio tokens [B, F, D], output head [D, V] -> log-probs [B, F, V + 1], fp32: logits
@@ -58,10 +78,13 @@ def audio_ctc_log_probs(embeds: jax.Array, kernel: jax.Array, scale: float = SCA
     product: with dot products the tower grew its tokens' norm (154 vs the text embeddings'
     0.6) and the LLM reading them degraded."""
     x = embeds.astype(jnp.float32)
-    k = kernel.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
-    k = k * jax.lax.rsqrt(jnp.sum(k * k, axis=0, keepdims=True) + 1e-12)
-    logits = scale * jnp.einsum("bfd,dv->bfv", x, k)
+    # the head in its own dtype (no fp32 copy of a [D, V] matrix), fp32 accumulation; its
+    # column norms divide the logits
+    dots = jnp.einsum("bfd,dv->bfv", x.astype(kernel.dtype), kernel,
+                      preferred_element_type=jnp.float32)
+    inv = jax.lax.rsqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=0) + 1e-12)
+    logits = scale * dots * inv
     blank = jnp.full((*logits.shape[:2], 1), scale * blank_cos, jnp.float32)
     return jax.nn.log_softmax(jnp.concatenate([logits, blank], axis=-1), axis=-1)
 
@@ -83,9 +106,8 @@ def audio_ctc_loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *
     words = batch[TRANSCRIPT_KEY] > 0
     n_frames = jnp.sum(audio, axis=-1)
     n_labels = jnp.sum(words, axis=-1)
-    fpos, fmask = left_pack(audio, int(max_frames))
+    frames, fmask = audio_frames(outputs["inputs_embeds"], batch["modality"], max_frames)
     lpos, lmask = left_pack(words, int(max_labels))
-    frames = jnp.take_along_axis(outputs["inputs_embeds"], fpos[..., None], axis=1)
     labels = jnp.take_along_axis(batch["input_ids"], lpos, axis=-1)
     overflow = (n_frames > max_frames) | (n_labels > max_labels)
     used = (n_labels > 0) & (n_frames > 0) & ~overflow

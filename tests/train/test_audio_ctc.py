@@ -16,7 +16,7 @@ from omni_jax.data.omni import OmniEncoder
 from omni_jax.data.template import ChatTemplate
 from omni_jax.data.tokenizer import TokenizerConfig, load_tokenizer, train_sentencepiece
 from omni_jax.omni_config import OmniConfig
-from omni_jax.train.audio_ctc import audio_ctc_loss, check_stage
+from omni_jax.train.audio_ctc import audio_ctc_loss, check_stage, greedy_decode
 from omni_jax.train.losses import LOSSES, make_objective
 from omni_jax.train.omni_model import OmniLM
 from tests.data.test_omni_data import AUDIO, CONFIG
@@ -191,3 +191,14 @@ def test_gradient_reaches_the_audio_tower_only(asr):
             for k, v in grads.items()}
     assert norm["audio_encoder"] > 0 and norm["audio_adapter"] > 0
     assert norm["llm"] == 0 and norm["image_encoder"] == 0 and norm["image_adapter"] == 0
+
+
+def test_greedy_decode_merges_repeats_drops_blanks_and_padding():
+    v = 4  # ids 0..3, blank = 4
+    path = [[1, 1, 4, 1, 2, 2, 4, 3, 0], [4, 4, 2, 4, 4, 4, 4, 4, 4]]
+    lp = np.full((2, 9, v + 1), -5.0, np.float32)
+    for r, row in enumerate(path):
+        lp[r, np.arange(9), row] = 0.0
+    mask = np.ones((2, 9), bool)
+    mask[0, 7:] = False  # the last two frames of row 0 are padding
+    assert greedy_decode(lp, mask) == [[1, 1, 2], [2]]
