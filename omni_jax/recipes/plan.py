@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from omni_jax.model import tokens_per_item
 from omni_jax.omni_config import OmniConfig
 from omni_jax.recipes.data import audio_config, count_records, resolve_data, stage_steps
 from omni_jax.speech.targets import speech_targets
@@ -144,7 +145,9 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM | None = None, *,
         make_objective(stage.losses)  # ValueError: unknown loss
         data = resolve_data(config, model.config, s)
         check_audio_ctc(name, s.losses, data, config.get("transcript_tasks"),
-                        model.config.audio is not None)
+                        tokens_per_item(model.config, "audio") if model.config.audio else None,
+                        text_only=bool(config.get("text_only")),
+                        xvila=bool(config.get("xvila_output")))
         have = all(fs.exists(p) for src in data["sources"].values()
                    for p in ([src["path"]] if isinstance(src["path"], str) else src["path"]))
         steps = stage_steps(name, s, data, count_records if count_data and have else None)
@@ -267,7 +270,7 @@ def make_encoder(config: ml_collections.ConfigDict, omni: OmniConfig) -> Any:
     return OmniEncoder(omni, template, audio=audio_config(config),
                        speech=speech_targets(config, omni, template),
                        gen=gen_targets(config, template),
-                       transcript_tasks=tuple(config.get("transcript_tasks") or ()))
+                       transcript_tasks=config.get("transcript_tasks") or ())
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

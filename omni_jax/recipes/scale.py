@@ -85,7 +85,9 @@ def abstract_batch(plan: Any) -> dict[str, jax.ShapeDtypeStruct]:
 
     dc = DataConfig.from_dict(plan.data)
     b, n = int(plan.trainer_config.batch_size), dc.max_len
-    out = {k: jax.ShapeDtypeStruct((b, n), np.int32) for k in TOKEN_KEYS}
+    keys = TOKEN_KEYS + (("transcript_mask",) if "audio_ctc" in dict(
+        plan.trainer_config.stage.losses) else ())
+    out = {k: jax.ShapeDtypeStruct((b, n), np.int32) for k in keys}
     for key, spec in plan.data.get("media", {}).items():
         out[key] = jax.ShapeDtypeStruct((int(spec["max_items"]), *spec["shape"]), np.float32)
     return out

@@ -7,10 +7,14 @@ demo's from-scratch Whisper reads the first spoken digit (fixed position) but no
 classifying the token by its cosine to the LLM's own output head (tied: the token
 embeddings), plus a fixed blank logit (a frame is blank unless it is nearer than `blank_cos`
 to a word). It adds no parameters and turns audio tokens towards the text embeddings of the
-words they carry, which the LLM already reads, without touching their norm.
+words they carry, which the LLM already reads, without touching their norm. A stage with only
+this loss costs no LLM pass: its outputs are unused and XLA drops them (its MFU / tokens
+metrics still count the LLM). Cost: fp32 [rows, max_frames, vocab] log-probs (qwen7b, 256
+frames: ~0.64 GB of temporaries per row); SCALE / BLANK_COS were tuned at vocab 512.
 
 Batch: `transcript_mask` [batch, seq] (data.omni.OmniEncoder with `transcript_tasks`) marks the
-transcript tokens of input_ids (an ASR answer without its <|im_end|>); audio tokens are the
+transcript tokens of input_ids (the record's assistant answers, every turn, without special
+tokens such as <|im_end|>); audio tokens are the
 positions with modality == audio. One conversation per row (packing off, checked at plan
 time). Rows with more audio tokens than `max_frames` or transcript tokens than `max_labels`
 are left out (counted as "overflow"), never truncated.
@@ -18,6 +22,7 @@ are left out (counted as "overflow"), never truncated.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_jax.data.packing import MEDIA_CODES
 from omni_jax.train.losses import register_loss
 from omni_jax.train.speech_losses import _require, _with_check, ctc_nll
 
-AUDIO_CODE = 3  # data.template's modality id of audio placeholders
+AUDIO_CODE = MEDIA_CODES["audio"]  # data.template's modality id of audio placeholders
 TRANSCRIPT_KEY = "transcript_mask"
 # cosine classifier: logits = SCALE * cos(audio token, embedding); the blank's = SCALE * BLANK_COS
 SCALE, BLANK_COS = 24.0, 0.5
@@ -36,13 +42,19 @@ SCALE, BLANK_COS = 24.0, 0.5
 
 def _check(*, max_frames: int = 0, max_labels: int = 0, zero_infinity: bool = True,
            head_grad: bool = False, scale: float = SCALE, blank_cos: float = BLANK_COS) -> None:
-    if int(max_frames) <= 0 or int(max_labels) <= 0:
+    caps = (max_frames, max_labels)
+    if any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in caps):
         raise ValueError(f"loss 'audio_ctc': max_frames and max_labels must be positive ints "
                          f"(static per-row caps: audio tokens, transcript tokens), got "
-                         f"{max_frames}, {max_labels}")
-    if not float(scale) > 0 or not -1.0 <= float(blank_cos) <= 1.0:
-        raise ValueError(f"loss 'audio_ctc': scale must be > 0 and blank_cos in [-1, 1], got "
-                         f"{scale}, {blank_cos}")
+                         f"{max_frames!r}, {max_labels!r}")
+    if not all(isinstance(f, bool) for f in (zero_infinity, head_grad)):
+        raise ValueError(f"loss 'audio_ctc': zero_infinity and head_grad must be bools, got "
+                         f"{zero_infinity!r}, {head_grad!r}")
+    ok = all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+             for x in (scale, blank_cos))
+    if not ok or not scale > 0 or not -1.0 <= blank_cos <= 1.0:
+        raise ValueError(f"loss 'audio_ctc': scale must be a finite number > 0 and blank_cos "
+                         f"in [-1, 1], got {scale!r}, {blank_cos!r}")
 
 
 def left_pack(mask: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
@@ -123,13 +135,28 @@ def audio_ctc_loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *
 
 
 def check_stage(name: str, losses: Mapping[str, Any], data: Mapping[str, Any],
-                transcript_tasks: Any, has_audio: bool) -> None:
-    """ValueError unless a stage with the `audio_ctc` loss can feed it: an audio tower, the
-    recipe's transcript_tasks set (the encoder marks them), one conversation per row."""
+                transcript_tasks: Any, audio_tokens: int | None, *, text_only: bool = False,
+                xvila: bool = False) -> None:
+    """ValueError unless a stage with the `audio_ctc` loss can feed it: an audio tower whose
+    clips fit max_frames (audio_tokens: tokens per clip, None = no audio tower), the recipe's
+    transcript_tasks (a sequence of task names the encoder marks), media kept (not
+    text_only), an OmniLM (XVilaLM returns no output head), one conversation per row."""
     if "audio_ctc" not in dict(losses):
         return
-    if not has_audio:
+    spec = dict(losses)["audio_ctc"]
+    max_frames = dict(spec).get("max_frames") if isinstance(spec, Mapping) else None
+    if audio_tokens is None:
         raise ValueError(f"stage {name!r}: loss 'audio_ctc' needs a model with an audio tower")
+    if isinstance(max_frames, int) and max_frames < audio_tokens:
+        raise ValueError(f"stage {name!r}: audio_ctc max_frames={max_frames} is below the "
+                         f"{audio_tokens} audio tokens of one clip: every row would be left "
+                         f"out; set max_frames >= {audio_tokens} x clips per record")
+    if text_only or xvila:
+        raise ValueError(f"stage {name!r}: loss 'audio_ctc' needs the omni model with its "
+                         f"media (text_only={text_only}, xvila_output={xvila})")
+    if isinstance(transcript_tasks, str):
+        raise ValueError(f"stage {name!r}: transcript_tasks must be a sequence of task names, "
+                         f"got the string {transcript_tasks!r}")
     if not transcript_tasks:
         raise ValueError(f"stage {name!r}: loss 'audio_ctc' needs the recipe's "
                          "transcript_tasks (record tasks whose answer is the audio's "

@@ -39,11 +39,12 @@ def dummy_media(config: OmniConfig) -> dict[str, jax.Array]:
 
 
 class OmniLM:
-    """OmniModel (+ speech generator) as a TrainModel: apply -> {"logits", "hidden"} (+
-    "highway", speech outputs when configured and the batch has speech targets).
+    """OmniModel (+ speech generator) as a TrainModel: apply -> {"logits", "hidden",
+    "inputs_embeds", "lm_head"} (+ "highway", speech outputs when configured and the batch has
+    speech targets); lm_head [embed, vocab] (the tied embeddings or the head's kernel).
 
-    fused_head_chunk: if set, `apply` returns {"hidden", "lm_head"} instead of logits, so the
-    "ce" loss computes the LM head in chunks (no full [batch, seq, vocab]), as DecoderLM.
+    fused_head_chunk: if set, `apply` returns "hidden" instead of logits, so the "ce" loss
+    computes the LM head in chunks (no full [batch, seq, vocab]), as DecoderLM.
     dpo_reference: keep a frozen reference generator ("speech_ref") for the `dpo` loss.
     """
 

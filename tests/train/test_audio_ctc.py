@@ -105,9 +105,17 @@ def test_audio_ctc_options_and_missing_inputs():
     assert "audio_ctc" in LOSSES
     with pytest.raises(ValueError, match="max_frames and max_labels"):
         make_objective({"audio_ctc": {"weight": 1.0, "max_frames": 8}})
-    with pytest.raises(ValueError, match="blank_cos"):
+    for bad in ({"blank_cos": 2.0}, {"scale": float("inf")}, {"scale": 0.0}):
+        with pytest.raises(ValueError, match="blank_cos"):
+            make_objective({"audio_ctc": {"weight": 1.0, "max_frames": 8, "max_labels": 4,
+                                          **bad}})
+    for bad in ({"max_frames": 8.5}, {"max_frames": True}, {"max_labels": "4"}):
+        with pytest.raises(ValueError, match="positive ints"):
+            make_objective({"audio_ctc": {"weight": 1.0, "max_frames": 8, "max_labels": 4,
+                                          **bad}})
+    with pytest.raises(ValueError, match="bools"):
         make_objective({"audio_ctc": {"weight": 1.0, "max_frames": 8, "max_labels": 4,
-                                      "blank_cos": 2.0}})
+                                      "head_grad": "False"}})
     batch = _batch(np.random.default_rng(1))
     with pytest.raises(ValueError, match="inputs_embeds"):
         audio_ctc_loss({"logits": None}, batch, max_frames=8, max_labels=4)
@@ -119,14 +127,23 @@ def test_audio_ctc_options_and_missing_inputs():
 
 def test_check_stage_errors():
     losses = {"ce": 1.0, "audio_ctc": {"weight": 0.5, "max_frames": 8, "max_labels": 4}}
-    check_stage("s", losses, {"packing": False}, ("speech_asr",), True)
-    check_stage("s", {"ce": 1.0}, {"packing": True}, (), False)  # no audio_ctc: nothing to check
+    tasks = ("speech_asr",)
+    check_stage("s", losses, {"packing": False}, tasks, 8)
+    check_stage("s", {"ce": 1.0}, {"packing": True}, (), None)  # no audio_ctc: nothing to check
     with pytest.raises(ValueError, match="audio tower"):
-        check_stage("s", losses, {}, ("speech_asr",), False)
+        check_stage("s", losses, {}, tasks, None)
+    with pytest.raises(ValueError, match="below the 9 audio tokens"):
+        check_stage("s", losses, {}, tasks, 9)
+    with pytest.raises(ValueError, match="text_only=True"):
+        check_stage("s", losses, {}, tasks, 8, text_only=True)
+    with pytest.raises(ValueError, match="xvila_output=True"):
+        check_stage("s", losses, {}, tasks, 8, xvila=True)
+    with pytest.raises(ValueError, match="the string"):
+        check_stage("s", losses, {}, "speech_asr", 8)
     with pytest.raises(ValueError, match="transcript_tasks"):
-        check_stage("s", losses, {}, (), True)
+        check_stage("s", losses, {}, (), 8)
     with pytest.raises(ValueError, match="packing=False"):
-        check_stage("s", losses, {"packing": True}, ("speech_asr",), True)
+        check_stage("s", losses, {"packing": True}, tasks, 8)
 
 
 @pytest.fixture(scope="module")
