@@ -14,7 +14,7 @@ from omni_jax.cli import demo as cli
 from omni_jax.configs.recipes import demo as recipe
 from omni_jax.recipes import run
 
-STEPS = 0.1  # x the recipe's steps: 70 / 30 / 30 / 20 / 8, image_text then raised to
+STEPS = 0.1  # x the recipe's steps: 70 / 60 / 30 / 30 / 20 / 8, image_text then raised to
 IMAGE_STEPS = 250  # (batch 64: the recipe's)
 MARGIN = 0.15  # accuracy - chance, held out (measured: see the note)
 LOSS = re.compile(r"stage (\w+): loss ([\d.]+) \(step (\d+)\) -> ([\d.]+) \(step (\d+)\)")
@@ -76,6 +76,15 @@ def test_held_out_evaluation_of_every_stage(trained):
         for name, value in row.items():
             assert value is None or 0.0 <= value <= (10.0 if "wer" in name else 1.0), (name, row)
     assert {"asr_wer", "spoken_image_qa_accuracy"} <= set(table["speech"])
+    assert 0.0 <= table["audio_tower"]["tower_asr_wer"] <= 10.0, table["audio_tower"]
     assert {"video_qa_accuracy", "video_spoken_qa_accuracy"} <= set(table["video"])
     assert "dpo_preference_accuracy" in table["speech_dpo"], table["speech_dpo"]
     print(cli.format_table(table))
+
+
+def test_build_data_refuses_an_export_of_other_data(tmp_path):
+    import json
+
+    (tmp_path / "export.json").write_text(json.dumps({"config": "ci", "splits": {}}))
+    with pytest.raises(ValueError, match="another --workdir"):  # 1.1.0 wrote no version
+        cli.build_data(str(tmp_path), "ci", echo=lambda s: None)

@@ -5,9 +5,10 @@
 Steps, all offline: [1] build omni_digits (full; --quick: the small config) and export it to
 WORKDIR/data/{train,validation,test}; [2] train a SentencePiece tokenizer on the train split's
 text and voice the self-listening ASR manifest (omni_jax/configs/recipes/demo.py); [3] run
-the demo recipe end to end (image-text -> + speech -> + video -> speech generator CTC ->
-speech DPO) into WORKDIR/train, with progress bars and TensorBoard logs; [4] evaluate every
-stage on the test split (unseen images and unseen voices) and print a stage x metric table;
+the demo recipe end to end (image-text -> audio tower CTC -> + speech -> + video -> speech
+generator CTC -> speech DPO) into WORKDIR/train, with progress bars and TensorBoard logs; [4]
+evaluate every stage on the test split (unseen images and unseen voices; the audio tower
+stage: the tower alone, its CTC tokens decoded) and print a stage x metric table;
 WORKDIR/demo_summary.json keeps the table, the losses and the timings. Re-running resumes:
 finished data, tokenizer, stages and evaluations are reused (--reeval recomputes the latter).
 """
@@ -30,9 +31,11 @@ STAGE_TASKS = {
     "speech_gen": ("speech_response", "speech_dpo"),
     "speech_dpo": ("image_qa", "speech_response", "speech_dpo"),
 }
-METRICS = ("image_qa_accuracy", "asr_wer", "spoken_image_qa_accuracy", "video_qa_accuracy",
-           "video_spoken_qa_accuracy", "speech_roundtrip_wer", "dpo_preference_accuracy",
-           "expressive_style_accuracy")
+# stages whose LLM has not heard audio yet: their audio tower alone (tower_asr) on this task
+TOWER_TASKS = {"audio_tower": "speech_asr"}
+METRICS = ("image_qa_accuracy", "tower_asr_wer", "asr_wer", "spoken_image_qa_accuracy",
+           "video_qa_accuracy", "video_spoken_qa_accuracy", "speech_roundtrip_wer",
+           "dpo_preference_accuracy", "expressive_style_accuracy")
 SELF_ASR_PROMPT = "Transcribe the audio."  # eval.tasks.ASR_PROMPT: the round trip's question
 # --quick: the small omni_digits config and this share of the recipe's steps
 QUICK_STEPS = 0.15
@@ -41,21 +44,23 @@ QUICK_STEPS = 0.15
 def build_data(data_dir: str, config: str, echo: Callable[[str], None] = print) -> dict:
     """omni_digits `config` exported to data_dir/<split>/ (skipped when already there)."""
     from omni_jax.data.omni_digits import voices as V
-    from omni_jax.data.omni_digits.builder import prepare
+    from omni_jax.data.omni_digits.builder import OmniDigits, prepare
     from omni_jax.data.omni_digits.export import write_manifests
 
+    version = str(OmniDigits.VERSION)
     done = os.path.join(data_dir, "export.json")
     if os.path.isfile(done):
         with open(done) as f:
             info = json.load(f)
-        if info.get("config") == config:
+        if info.get("config") == config and info.get("version") == version:
             echo(f"omni_digits/{config}: exported before, reused ({data_dir})")
             return info
-        raise ValueError(f"{data_dir} holds omni_digits/{info.get('config')}, not {config}; "
-                         f"use another --workdir")
+        raise ValueError(f"{data_dir} holds omni_digits/{info.get('config')} "
+                         f"{info.get('version', '< 1.2.0')}, not {config} {version}; use "
+                         f"another --workdir (a run trained on other data is not resumed)")
     t0 = time.time()
     builder = prepare(config, os.path.join(data_dir, "tfds"))
-    info: dict[str, Any] = {"config": config, "splits": {}}
+    info: dict[str, Any] = {"config": config, "version": version, "splits": {}}
     for split in V.SPLITS:
         paths = write_manifests(builder, os.path.join(data_dir, split), split, config=config)
         info["splits"][split] = {}
@@ -142,10 +147,20 @@ def evaluate(config: Any, train_dir: str, test_dir: str, out_dir: str, max_recor
     os.makedirs(out_dir, exist_ok=True)
     table: dict[str, dict[str, float | None]] = {}
     for stage in stages:
+        if not STAGE_TASKS.get(stage) and stage not in TOWER_TASKS:
+            continue
         cache = os.path.join(out_dir, f"{stage}.json")
         if os.path.isfile(cache) and not reeval:
             with open(cache) as f:
                 report = json.load(f)
+        elif stage in TOWER_TASKS:
+            t0 = time.time()
+            path = os.path.join(test_dir, f"{TOWER_TASKS[stage]}.jsonl")
+            report = {"stage": stage, "metrics": {"tower_asr_wer": tower_asr(
+                config, train_dir, stage, path, max_records)}}
+            with open(cache, "w") as f:
+                json.dump(report, f, indent=1, default=str)
+            echo(f"evaluated {stage} in {time.time() - t0:.0f} s")
         else:
             t0 = time.time()
             paths = [os.path.join(test_dir, f"{t}.jsonl") for t in STAGE_TASKS.get(stage, ())]
@@ -159,6 +174,65 @@ def evaluate(config: Any, train_dir: str, test_dir: str, out_dir: str, max_recor
         table[stage].update({f"{k}_chance": m["chance"] for k, m in report["metrics"].items()
                              if m.get("chance") is not None})
     return table
+
+
+def _answer(record: Mapping[str, Any]) -> str:
+    content = record["messages"][-1]["content"]
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+
+
+def tower_asr(config: Any, train_dir: str, stage: str, manifest: str,
+              max_records: int | None, batch_size: int = 32) -> dict[str, Any]:
+    """The audio tower alone on held-out ASR clips: its audio tokens decoded greedily by the
+    stage's `audio_ctc` classifier (no LLM) -> {"value": WER, ...} (eval.metrics WER)."""
+    import jax
+    import jax.numpy as jnp
+
+    from omni_jax.data import packing
+    from omni_jax.eval.metrics import word_error_rate
+    from omni_jax.eval.tasks import read_items
+    from omni_jax.recipes import final_params, make_encoder, make_plan, model_of
+    from omni_jax.train import audio_ctc as actc
+
+    opts = dict(config.stages[stage].losses.to_dict()["audio_ctc"])
+    opts.pop("weight")
+    model = model_of(config)
+    plan = next(p for p in make_plan(config, model, count_data=False) if p.name == stage)
+    params = final_params(train_dir, plan, model)
+    encoder = make_encoder(config, model.config)
+    items, skipped = read_items([manifest], max_records)
+    shape = (int(config.audio_features.n_mels), int(model.config.audio.num_frames))
+
+    @jax.jit
+    def tokens(params, batch):
+        out = model.apply(params, batch)
+        frames, mask = actc.audio_frames(out["inputs_embeds"], batch["modality"],
+                                         opts["max_frames"])
+        return actc.audio_ctc_log_probs(frames, out["lm_head"], opts.get("scale", actc.SCALE),
+                                        opts.get("blank_cos", actc.BLANK_COS)), mask
+
+    good = []
+    for it in items:  # a record the encoder cannot read is reported, the rest evaluated
+        try:
+            good.append((it, packing.shift_example(encoder(it.record))))
+        except (ValueError, OSError) as e:
+            skipped.append(it.skip(f"unreadable: {e}"))
+    refs, hyps = [], []
+    for i in range(0, len(good), batch_size):
+        chunk = [it for it, _ in good[i:i + batch_size]]
+        exs = [ex for _, ex in good[i:i + batch_size]]
+        batch = packing.pad_batch(exs, batch_size, [max(packing.example_length(e)
+                                                        for e in exs)],
+                                  media={"audio": (batch_size, shape)})
+        lp, mask = tokens(params, {k: jnp.asarray(v) for k, v in batch.items()})
+        ids = actc.greedy_decode(jax.device_get(lp), jax.device_get(mask))[:len(chunk)]
+        hyps += [encoder.template.tokenizer.decode(t) for t in ids]
+        refs += [_answer(it.record) for it in chunk]
+    wer = word_error_rate(refs, hyps)
+    return {"value": wer["wer"], **wer, "skipped": skipped,
+            "answers": [{"reference": r, "prediction": h} for r, h in zip(refs, hyps)]}
 
 
 def format_table(table: Mapping[str, Mapping[str, float | None]]) -> str:

@@ -98,7 +98,7 @@ def test_image_instances_in_exactly_one_split_stratified(built):
 
 def test_voices_disjoint_across_splits(built):
     lists = [set(V.voices(s)) for s in V.SPLITS]
-    assert [len(v) for v in lists] == [8, 2, 3]
+    assert [len(v) for v in lists] == [32, 2, 3]
     variants = [{v.split("+")[1] for v in vs} for vs in lists]
     for a in range(3):
         for b in range(a + 1, 3):
@@ -112,6 +112,19 @@ def test_voices_disjoint_across_splits(built):
     # each voice really sounds different (espeak ignores variants of some accents, e.g. en-gb)
     renders = {v: V.render("three one four", v).tobytes() for vs in lists for v in vs}
     assert len(set(renders.values())) == len(renders)
+
+
+def test_train_user_speech_varies_its_prosody():
+    rng = np.random.default_rng(0)
+    styles = [V.user_style("train", rng) for _ in range(64)]
+    (p0, p1), (s0, s1) = V.TRAIN_PROSODY["pitch"], V.TRAIN_PROSODY["speed"]
+    assert all(p0 <= s.pitch <= p1 and s0 <= s.speed <= s1 for s in styles)
+    assert len({s.pitch for s in styles}) > 20 and len({s.speed for s in styles}) > 20
+    assert V.user_style("test", rng) == V.USER == V.user_style("validation", rng)
+    with pytest.raises(ValueError, match="unknown split"):
+        V.user_style("dev", rng)
+    # a different prosody is a different sound
+    assert V.render("two", "en-us+m1", styles[0]).tobytes() != V.render("two", "en-us+m1").tobytes()
 
 
 def _check_record(r, labels, vocab):

@@ -229,8 +229,15 @@ def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None
     rng = np.random.default_rng([plan.seed, V.SPLITS.index(plan.split), list(TASKS).index(task)])
     imgs = plan.images
 
+    # user prosody from its own stream: the rest of a split's records do not depend on it
+    prosody = np.random.default_rng([plan.seed, V.SPLITS.index(plan.split),
+                                     list(TASKS).index(task), 1])
+
     def voice() -> str:
         return plan.voices[int(rng.integers(len(plan.voices)))]
+
+    def say(text: str, v: str) -> np.ndarray:
+        return V.render(text, v, V.user_style(plan.split, prosody))
 
     for i in range(plan.counts[task]):
         key = f"{plan.split}-{task}-{i:05d}"
@@ -247,12 +254,12 @@ def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None
             ex = _example(**image, prompt=q, answer=short)
             if task == "spoken_image_qa":
                 v = voice()
-                ex.update(voice=v, audio=V.render(q, v))
+                ex.update(voice=v, audio=say(q, v))
         elif task == "speech_asr":
             ds = [int(x) for x in rng.integers(10, size=int(rng.integers(3, 6)))]
             text, v = " ".join(DIGIT_WORDS[x] for x in ds), voice()
             ex = _example(prompt=ASR_PROMPTS[rng.integers(len(ASR_PROMPTS))], answer=text,
-                          voice=v, audio=V.render(text, v), digits=ds)
+                          voice=v, audio=say(text, v), digits=ds)
         elif task in ("video_qa", "video_spoken_qa"):
             n = int(rng.integers(3, 6))
             frames = [int(x) for x in rng.choice(imgs, size=min(n, len(imgs)), replace=False)]
@@ -262,7 +269,7 @@ def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None
                           answer=answer)
             if task == "video_spoken_qa":
                 v = voice()
-                ex.update(voice=v, audio=V.render(q, v))
+                ex.update(voice=v, audio=say(q, v))
         elif task == "text_chat":
             x, y = (int(t) for t in rng.integers(10, size=2))
             plus = bool(rng.integers(2)) or x < y

@@ -1,6 +1,7 @@
 """espeak-ng voices of the omni_digits splits, speaking styles, and the renderer.
 
-User-side speech (ASR clips, spoken questions) uses the voices of its split. The voices are
+User-side speech (ASR clips, spoken questions) uses the voices of its split (train: also a
+random pitch and speed per clip, `user_style`). The voices are
 espeak-ng accents (`espeak-ng --voices=en`) with a variant (`espeak-ng --voices=variant`);
 the three lists are disjoint as voice strings *and* as variants, so the test voices (m6, m7,
 m8 variants) are never heard in train or validation. Spoken answers (speech-out targets) use
@@ -23,8 +24,15 @@ import numpy as np
 SAMPLE_RATE = 16_000
 SPLITS = ("train", "validation", "test")
 VOICES = {
+    # 8 numbered variants + 24 named ones (espeak-ng-data/voices/!v), each a distinct sound
     "train": ("en-us+m1", "en+f1", "en-us+m3", "en-gb-x-rp+f2", "en-029+m2",
-              "en-gb-scotland+f3", "en-us-nyc+m4", "en-gb-x-gbclan+f4"),
+              "en-gb-scotland+f3", "en-us-nyc+m4", "en-gb-x-gbclan+f4",
+              "en-us+Andy", "en-029+Annie", "en-gb-scotland+Alex", "en-gb-x-gbclan+Gene",
+              "en-us-nyc+Jacky", "en-gb-x-rp+Lee", "en+Mario", "en-us+Michael", "en-us+Storm",
+              "en-029+adam", "en-gb-scotland+anika", "en-gb-x-gbclan+david",
+              "en-us-nyc+edward", "en-gb-x-rp+iven", "en+john", "en-us+linda", "en-us+max",
+              "en-029+paul", "en-gb-scotland+quincy", "en-gb-x-gbclan+rob",
+              "en-us-nyc+steph", "en-gb-x-rp+travis", "en+zac", "en-us+benjamin"),
     "validation": ("en-gb-x-gbcwmd+m5", "en-us+f5"),
     "test": ("en+m6", "en-us+m7", "en-gb-x-rp+m8"),
 }
@@ -45,6 +53,20 @@ NEUTRAL = Style("neutral", 50, 160, 100)
 EXPRESSIVE = (Style("excited", 80, 200, 130), Style("cheerful", 75, 190, 120),
               Style("elated", 90, 210, 140))
 STYLES = {s.name: s for s in (USER, NEUTRAL, *EXPRESSIVE)}
+# train-split user speech: pitch and speed drawn per clip from these ranges (inclusive), so a
+# model meets more than 32 fixed speakers; validation / test speak the USER style
+TRAIN_PROSODY = {"pitch": (25, 75), "speed": (140, 200)}
+
+
+def user_style(split: str, rng: np.random.Generator) -> Style:
+    """The prosody of one user clip of a split: USER, or for train a random TRAIN_PROSODY."""
+    if split not in VOICES:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    if split != "train":
+        return USER
+    (p0, p1), (s0, s1) = TRAIN_PROSODY["pitch"], TRAIN_PROSODY["speed"]
+    return Style("user", int(rng.integers(p0, p1 + 1)), int(rng.integers(s0, s1 + 1)),
+                 USER.amplitude)
 
 
 def voices(split: str) -> tuple[str, ...]:
