@@ -111,7 +111,8 @@ class OmniEncoder:
         if transcript_tasks and config.audio is None:
             raise ValueError("OmniEncoder: transcript_tasks need a model with an audio tower")
         self.transcript_tasks = tuple(transcript_tasks)
-        self._specials = np.asarray(sorted(template.tokenizer.special_ids.values()), np.int32)
+        self._specials = np.asarray(sorted(template.tokenizer.special_ids.values()), np.int32
+                                    ) if transcript_tasks else np.zeros(0, np.int32)
         self.counts = {m: tokens_per_item(config, m) for m in MODALITIES if getattr(config, m)}
         self.image_cfg = image or ImageConfig()
         for m in ("image", "video"):
