@@ -1,7 +1,6 @@
 """audio_ctc: CTC of the LLM's audio input tokens vs torch (value, gradients), the encoder's
 transcript marks, the plan-time checks, and gradients reaching the audio tower end to end."""
 
-import json
 
 import flax.linen as nn
 import jax
@@ -11,15 +10,12 @@ import pytest
 import torch
 
 from omni_jax.data import packing
-from omni_jax.data.fixtures import make_fixtures
 from omni_jax.data.omni import OmniEncoder
-from omni_jax.data.template import ChatTemplate
-from omni_jax.data.tokenizer import TokenizerConfig, load_tokenizer, train_sentencepiece
 from omni_jax.omni_config import OmniConfig
 from omni_jax.train.audio_ctc import audio_ctc_loss, check_stage, greedy_decode
 from omni_jax.train.losses import LOSSES, make_objective
 from omni_jax.train.omni_model import OmniLM
-from tests.data.test_omni_data import AUDIO, CONFIG
+from tests.data.test_omni_data import AUDIO, CONFIG, setup  # noqa: F401 (fixture)
 
 B, S, D, V = 4, 24, 8, 11
 SCALE, BLANK = 5.0, 0.25
@@ -147,23 +143,11 @@ def test_check_stage_errors():
 
 
 @pytest.fixture(scope="module")
-def asr(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("actc")
-    manifests = make_fixtures(tmp / "fx", num_images=2, num_audio=3, num_videos=1, num_text=2,
-                              use_espeak=False)
-    records = {k: [json.loads(line) for line in open(p)] for k, p in manifests.items()}
-    for task, recs in records.items():
-        for r in recs:
-            r["task"] = task
-            for key in ("images", "audios", "videos"):
-                if key in r:
-                    r[key] = [[str(tmp / "fx" / f) for f in v] if isinstance(v, list)
-                              else str(tmp / "fx" / v) for v in r[key]]
-    texts = [json.dumps(r["messages"]) for recs in records.values() for r in recs]
-    tok = load_tokenizer(TokenizerConfig(path=str(train_sentencepiece(texts * 4, 400,
-                                                                      str(tmp / "sp")))))
-    cfg = OmniConfig.from_dict(CONFIG)
-    return cfg, ChatTemplate(tok), records
+def asr(setup):  # noqa: F811 (the imported fixture)
+    """test_omni_data's fixture records (media paths resolved), each tagged with its task."""
+    cfg, enc, records, _ = setup
+    tagged = {task: [{**r, "task": task} for r in recs] for task, recs in records.items()}
+    return cfg, enc.template, tagged
 
 
 def test_encoder_marks_the_transcript_of_transcript_tasks_only(asr):
