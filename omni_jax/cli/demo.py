@@ -176,13 +176,6 @@ def evaluate(config: Any, train_dir: str, test_dir: str, out_dir: str, max_recor
     return table
 
 
-def _answer(record: Mapping[str, Any]) -> str:
-    content = record["messages"][-1]["content"]
-    if isinstance(content, str):
-        return content
-    return " ".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-
-
 def tower_asr(config: Any, train_dir: str, stage: str, manifest: str,
               max_records: int | None, batch_size: int = 32) -> dict[str, Any]:
     """The audio tower alone on held-out ASR clips: its audio tokens decoded greedily by the
@@ -192,7 +185,7 @@ def tower_asr(config: Any, train_dir: str, stage: str, manifest: str,
 
     from omni_jax.data import packing
     from omni_jax.eval.metrics import word_error_rate
-    from omni_jax.eval.tasks import read_items
+    from omni_jax.eval.tasks import _text, read_items
     from omni_jax.recipes import final_params, make_encoder, make_plan, model_of
     from omni_jax.train import audio_ctc as actc
 
@@ -229,7 +222,7 @@ def tower_asr(config: Any, train_dir: str, stage: str, manifest: str,
         lp, mask = tokens(params, {k: jnp.asarray(v) for k, v in batch.items()})
         ids = actc.greedy_decode(jax.device_get(lp), jax.device_get(mask))[:len(chunk)]
         hyps += [encoder.template.tokenizer.decode(t) for t in ids]
-        refs += [_answer(it.record) for it in chunk]
+        refs += [_text(it.record["messages"][-1]["content"]) or "" for it in chunk]
     wer = word_error_rate(refs, hyps)
     return {"value": wer["wer"], **wer, "skipped": skipped,
             "answers": [{"reference": r, "prediction": h} for r, h in zip(refs, hyps)]}
