@@ -46,7 +46,12 @@ SPEECH_LENGTHS = {"text_len": 16, "units_len": 64}
 # the longest record of each stage's mixture with the demo tokenizer (cli.demo) is 50 / 68 /
 # 136 / 53 tokens, media expanded
 STEPS = {"image_text": 700, "audio_tower": 600, "speech": 450, "video": 300,
-         "speech_gen": 200, "speech_dpo": 80}
+         "speech_gen": 400, "speech_dpo": 80}
+# CTC frames per answer token (OpenOmni: 12). A one-word answer ("two", one demo token) needs
+# 15-19 frames (its units + adjacent repeats; omni_digits 1.3.0 train split, median / max),
+# sentences 5-9 per token: at 12, 96% of short answers were infeasible (zeroed in training,
+# no units at inference). speech_gen 200 -> 500 steps (1.2.0): CTC loss 2.56 -> 0.76
+UPSAMPLE = 24
 SEQ = {"image_text": 56, "speech": 72, "video": 144, "speech_out": 56}
 # Measured on 2 cores (image_text alone, first 200 test records): image QA after 32 x 300
 # steps 38.5%, 32 x 600 67%, 16 x 1200 32.5%, 128 x 150 52.5%, 64 x 300 72.5%, 64 x 700
@@ -86,7 +91,8 @@ def _model(units: int) -> ml_collections.ConfigDict:
     model = importlib.import_module("omni_jax.configs.models.demo").get_config("mlp")
     llm = model.llm
     model.speech = speech_preset("tiny", int(llm.hidden_size), mode="ctc",
-                                 text_vocab=int(llm.vocab_size), unit_vocab=units).to_dict()
+                                 text_vocab=int(llm.vocab_size), unit_vocab=units,
+                                 upsample=UPSAMPLE).to_dict()
     return model
 
 

@@ -13,8 +13,10 @@ Every record is one flat example (FIELDS; unused fields are empty) with a `task`
   video_qa         3-5 digit frames + question on order / count / sum / first / last
   video_spoken_qa  video + the question as speech
   text_chat        text-only digit arithmetic
-  speech_response  image + question -> sentence answer + its neutral rendering and units
-  speech_dpo       the same; chosen = an expressive rendering, rejected = the neutral one
+  speech_response  image + question -> sentence (or short) answer + its neutral rendering
+                   and units
+  speech_dpo       the same, always the sentence; chosen = an expressive rendering,
+                   rejected = the neutral one
   text_to_image    "Draw a seven." -> an image out (target: a split image of that digit)
   image_to_image   image + "Reproduce this image." -> the same image out
   video_next_frame 3 frames of consecutive digits (d, d+1, d+2 mod 10) -> a d+3 image out
@@ -58,6 +60,9 @@ RATIOS = {"image_caption": 1.0, "image_qa": 2.0, "speech_asr": 1.0, "spoken_imag
           "speech_dpo": 0.5, "text_to_image": 1.0, "image_to_image": 1.0,
           "video_next_frame": 0.5}
 FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
+# share of speech_response answers that are the short answer ("three", "yes") instead of the
+# sentence ("It is a three."): the LLM answers image questions as image_qa taught it
+SHORT_SPOKEN = 0.5
 IMAGE_SHAPE = (8, 8)
 TEXT_FIELDS = ("id", "task", "prompt", "answer", "voice", "style", "style_rejected")
 # array fields: (dtype, shape)
@@ -232,6 +237,8 @@ def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None
     # user prosody from its own stream: the rest of a split's records do not depend on it
     prosody = np.random.default_rng([plan.seed, V.SPLITS.index(plan.split),
                                      list(TASKS).index(task), 1])
+    spoken = np.random.default_rng([plan.seed, V.SPLITS.index(plan.split),
+                                    list(TASKS).index(task), 2])
 
     def voice() -> str:
         return plan.voices[int(rng.integers(len(plan.voices)))]
@@ -280,11 +287,14 @@ def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None
         elif task in IMAGE_OUT:
             ex = _image_out(task, rng, plan, i, pixels, labels)
         else:  # speech_response / speech_dpo
-            q, _, sentence = _image_question(rng, d)
+            q, short, sentence = _image_question(rng, d)
             assert speech_fn is not None
             if task == "speech_response":
-                wave, units = speech_fn(sentence, V.NEUTRAL)
-                ex = _example(**image, prompt=q, answer=sentence, voice=V.ASSISTANT_VOICE,
+                # the generator must speak whatever the LLM says: a sentence, or the short
+                # answer image_qa teaches (own stream: the rest of the record is as in 1.2.0)
+                said = short if spoken.random() < SHORT_SPOKEN else sentence
+                wave, units = speech_fn(said, V.NEUTRAL)
+                ex = _example(**image, prompt=q, answer=said, voice=V.ASSISTANT_VOICE,
                               style=V.NEUTRAL.name, speech=wave, speech_units=units)
             else:
                 style = V.EXPRESSIVE[int(rng.integers(len(V.EXPRESSIVE)))]
