@@ -50,7 +50,9 @@ STEPS = {"image_text": 700, "audio_tower": 600, "speech": 450, "video": 300,
 # CTC frames per answer token (OpenOmni: 12). A one-word answer ("two", one demo token) needs
 # 15-19 frames (its units + adjacent repeats; omni_digits 1.3.0 train split, median / max),
 # sentences 5-9 per token: at 12, 96% of short answers were infeasible (zeroed in training,
-# no units at inference). speech_gen 200 -> 500 steps (1.2.0): CTC loss 2.56 -> 0.76
+# no units at inference). speech_gen 200 -> 500 steps (1.2.0): CTC loss 2.56 -> 0.76. At 24,
+# 400 steps (full demo, 1.3.0): loss 1.97 and greedy decoding still gives almost only blanks;
+# at 12, 500 steps, 1.3.0: 37 of 80 test answers voiced. The generator needs more steps at 24
 UPSAMPLE = 24
 SEQ = {"image_text": 56, "speech": 72, "video": 144, "speech_out": 56}
 # Measured on 2 cores (image_text alone, first 200 test records): image QA after 32 x 300
