@@ -57,11 +57,19 @@ class _Entry:
         return (int(np.prod(self.ours[self.t:])), int(np.prod(self.ours[:self.t])))
 
 
+def _check_supported(c: SpeechGenConfig) -> None:
+    if c.segment_positions:
+        raise ValueError("OpenOmni import/export: segment_positions=True adds a table "
+                         "(segment_pos) that OpenOmni's generator does not have; use "
+                         "segment_positions=False")
+
+
 def _entries(c: SpeechGenConfig) -> list[_Entry]:
     """Every non-decoder tensor of the generator: torch key, our path, shapes."""
     if c.moe == "sparse":
         raise ValueError("OpenOmni import/export: the sparse-MoE expansion has no known "
                          "state-dict layout (supported: moe='soft', the released one, and 'mlp')")
+    _check_supported(c)
     h, n, hid, f = c.llm_hidden, c.width, c.expert_hidden, c.expansion * c.width
     heads, hd, ff = c.fusion_heads, c.fusion_head_dim, c.fusion_ff_mult * c.width
     E = _Entry
@@ -283,6 +291,7 @@ def _param_shapes(config: SpeechGenConfig) -> dict[str, tuple[int, ...]]:
 def params_to_openomni(config: SpeechGenConfig, variables: Mapping[str, Any],
                        prefix: str = PREFIX) -> dict[str, np.ndarray]:
     """{"params": ...} (or the bare tree) -> OpenOmni state dict (numpy float32), prefixed."""
+    _check_supported(config)
     params = _unwrap(variables)
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
     io.check_tensors(flat, _param_shapes(config), "SpeechGenerator params (export)",

@@ -48,6 +48,12 @@ class SpeechGenConfig(StrictConfig):
     fusion_ff_mult: int = 4
     norm_eps: float = 1e-5  # fusion LayerNorms
     upsample: int = 12  # CTC frames per response token (before stretching to the units)
+    # CTC only: add a learned embedding of each frame's place in its token's segment
+    # (`upsample` bins of offset / segment length) to the upsampled frames. Off (OpenOmni's
+    # code): a segment's frames are copies of one vector and the decoder (causal, RoPE only)
+    # gives the first token's frames identical outputs, so greedy CTC emits at most one unit
+    # there: a one-token answer ("two") can never be voiced
+    segment_positions: bool = False
     decoder: LLMConfig = dataclasses.field(default_factory=lambda: _tiny_decoder(256))
     sample_top_p: float = 0.8  # AR sampling defaults (used by the sampler)
     sample_top_k: int = 25
@@ -72,6 +78,9 @@ class SpeechGenConfig(StrictConfig):
                        fusion_ff_mult=self.fusion_ff_mult, norm_eps=self.norm_eps,
                        upsample=self.upsample, sample_top_p=self.sample_top_p,
                        sample_top_k=self.sample_top_k)
+        if self.segment_positions and self.mode != "ctc":
+            raise ValueError(f"{who}.segment_positions applies to CTC frames (mode='ctc'), got "
+                             f"mode={self.mode!r}")
         if self.moe == "sparse" and not 1 <= self.moe_top_k <= self.num_experts:
             raise ValueError(f"{who}.moe_top_k must be in [1, num_experts={self.num_experts}], "
                              f"got {self.moe_top_k}")

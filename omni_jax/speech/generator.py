@@ -3,8 +3,10 @@
 Framing [sos, assistant rows..., task] -> expansion (soft MoE / sparse MoE / MLP) to
 `expansion` sub-tokens per row (interleaved channels) -> text-guided fusion (the response
 tokens' embeddings cross-attend to them) -> either CTC (repeat each fused token `upsample`
-times, stretched to the targets in training; Qwen2 decoder; blank = V) or AR (Qwen2 decoder on
-[sos] fused text [task] units; next unit, EOS = V). Batched with per-item lengths, static shapes.
+times, stretched to the targets in training; optionally + a learned embedding of each frame's
+place in its token's segment, `segment_positions`; Qwen2 decoder; blank = V) or AR (Qwen2
+decoder on [sos] fused text [task] units; next unit, EOS = V). Batched with per-item lengths,
+static shapes.
 """
 
 from __future__ import annotations
@@ -49,6 +51,25 @@ def stretch_index(src_len: jax.Array, up_len: jax.Array, length: int) -> tuple[j
     idx = jnp.clip(idx, 0, jnp.maximum(src_len - 1, 0)[:, None])
     mask = jnp.arange(length)[None] < up_len[:, None]
     return jnp.where(mask, idx, 0), mask
+
+
+def segment_bins(idx: jax.Array, frame_mask: jax.Array, num_tokens: int, bins: int
+                 ) -> jax.Array:
+    """Each frame's place in its token's segment: floor(bins * offset / segment length), in
+    [0, bins) (the offset itself when a segment has `bins` frames); 0 on masked frames.
+
+    idx [b, t] (token of each frame, non-decreasing), frame_mask [b, t] -> [b, t] int32.
+    """
+    t = idx.shape[1]
+    pos = jnp.arange(t, dtype=jnp.int32)
+
+    def one(i, m):
+        start = jnp.full((num_tokens,), t, jnp.int32).at[i].min(jnp.where(m, pos, t))
+        count = jnp.zeros((num_tokens,), jnp.int32).at[i].add(m.astype(jnp.int32))
+        return (pos - start[i]) * bins // jnp.maximum(count[i], 1)
+
+    out = jax.vmap(one)(idx, frame_mask)
+    return jnp.where(frame_mask, jnp.clip(out, 0, bins - 1), 0).astype(jnp.int32)
 
 
 def _select(conds: list[jax.Array], choices: list[jax.Array]) -> jax.Array:
@@ -200,6 +221,8 @@ class SpeechGenerator(nn.Module):
             c.num_outputs, dtype=dt, param_dtype=pdt,
             kernel_init=logical_init(nn.initializers.normal(std), ("embed", "vocab")),
             bias_init=logical_init(nn.initializers.zeros, ("vocab",)))
+        if c.segment_positions:  # [upsample, N]: a frame's place in its token's segment
+            self.segment_pos = emb(c.upsample, c.width, (None, "embed"))
         if c.mode == "ar":
             self.ar_embedding = emb(2, c.width, (None, "embed"))  # [sos, task] in width N
             self.unit_embedding = emb(c.num_outputs, c.width, ("vocab", "embed"))
@@ -267,6 +290,9 @@ class SpeechGenerator(nn.Module):
             length = max(length, units.shape[1])
         idx, frame_mask = stretch_index(s_len, up, length)
         x = jnp.take_along_axis(fused, idx[..., None], axis=1)
+        if c.segment_positions:
+            bins = segment_bins(idx, frame_mask, text_ids.shape[1], c.upsample)
+            x = x + self.segment_pos(bins).astype(x.dtype)
         x = jnp.where(frame_mask[..., None], x, 0)  # [b, t, N]
         h = self.llm(inputs_embeds=x, segment_ids=frame_mask.astype(jnp.int32),
                      compute_logits=False)["hidden"]

@@ -15,10 +15,11 @@ Structure (a toy of OpenOmni's stage IV / V data):
   = a fixed random token embedding (+ a sense vector for homographs) + `context` x the mean of
   the earlier rows (causal mixing, as an LLM's states carry context) + a rate vector + noise;
 - `lead_token` (default on): the response text starts with a silent token (id LEAD, empty
-  pronunciation), so the CTC frames of the first real word follow one lead-in segment. The
-  generator as built needs it: the frames of the first response token are identical and see
-  nothing else (causal decoder, RoPE only, no lead-in frames), so their outputs are identical
-  and greedy CTC can emit at most one unit there; without it the first word is mostly lost;
+  pronunciation), so the CTC frames of the first real word follow one lead-in segment. A
+  generator without `segment_positions` needs it: the frames of the first response token are
+  identical and see nothing else (causal decoder, RoPE only, no lead-in frames), so their
+  outputs are identical and greedy CTC can emit at most one unit there; without it the first
+  word is mostly lost (tests/speech/test_learning.py measures both);
 - an "expressive" rendering (DPO's chosen side) of the same response replaces each word's first
   unit by a word-specific style unit from [neutral_units, unit_vocab); the neutral one is the
   rejected side. `style_fraction` measures the share of style units in decoded units.

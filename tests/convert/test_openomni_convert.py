@@ -163,6 +163,11 @@ def test_bad_files_in_one_error(tmp_path):
         oo.read_state_dict(str(tmp_path / "junk.safetensors"))
     with pytest.raises(ValueError, match="no key starts with prefix 'x.'"):
         oo.params_from_openomni(cfg, sd, prefix="x.")
+    seg = speech_preset("tiny", H, "ctc", segment_positions=True)  # no OpenOmni counterpart
+    with pytest.raises(ValueError, match="segment_positions=True adds a table"):
+        oo.params_from_openomni(seg, sd)
+    with pytest.raises(ValueError, match="segment_positions=True adds a table"):
+        oo.params_to_openomni(seg, {})
 
 
 def test_torch_is_optional(tmp_path, monkeypatch):

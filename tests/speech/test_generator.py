@@ -18,6 +18,7 @@ from omni_jax.speech.config import SpeechGenConfig, check_compatible, speech_pre
 from omni_jax.speech.generator import (
     SpeechGenerator,
     check_speech_batch,
+    segment_bins,
     speech_cache,
     stretch_index,
 )
@@ -76,9 +77,10 @@ CTC_ITEMS = dict(s_lens=[14, 5, 3], u_lens=[228, 40, 50],
                  rows=[[0, 2, 3, 5, 6, 9, 10], [1, 4, 5, 6, 7, 8, 9, 10, 11], [3, 7, 8]], r=12)
 
 
-@pytest.mark.parametrize("with_targets", [True, False])
-def test_ctc_matches_torch(with_targets):
-    cfg = speech_preset("tiny", H, "ctc")
+@pytest.mark.parametrize("with_targets, segment_positions",
+                         [(True, False), (False, False), (True, True), (False, True)])
+def test_ctc_matches_torch(with_targets, segment_positions):
+    cfg = speech_preset("tiny", H, "ctc", segment_positions=segment_positions)
     model = perturbed(TorchSpeechGenerator(cfg), seed=0)
     params = to_jax_params(model)
     batch = make_batch(0, **CTC_ITEMS, vocab=cfg.decoder.vocab_size, units=cfg.unit_vocab, s=14,
@@ -95,8 +97,36 @@ def test_ctc_matches_torch(with_targets):
     r = ref["speech_log_probs"].numpy()
     assert r[0, :frames[0]].std() > 0.1  # the output is not near-uniform
     err = max(np.abs(lp[i, :n] - r[i, :n]).max() for i, n in enumerate(frames))
-    print(f"CTC log-prob max abs error vs torch (targets={with_targets}): {err:.2e}")
+    print(f"CTC log-prob max abs error vs torch (targets={with_targets}, segment_positions="
+          f"{segment_positions}): {err:.2e}")
     assert err < 5e-6
+
+
+def test_segment_positions_tell_a_tokens_frames_apart():
+    """Without segment positions the frames of the first token are copies of one vector and the
+    causal RoPE decoder gives them identical outputs (at most one CTC unit for a one-token
+    answer); with them each frame's output differs. segment_bins against a loop."""
+    outs = {}
+    for seg in (False, True):
+        cfg = speech_preset("tiny", H, "ctc", upsample=24, segment_positions=seg)
+        params = to_jax_params(perturbed(TorchSpeechGenerator(cfg), seed=2))
+        batch = make_batch(2, s_lens=[1, 2], u_lens=[0, 0], rows=[[0, 1], [0, 1, 2]], r=3,
+                           vocab=cfg.decoder.vocab_size, units=cfg.unit_vocab, s=2, u=0)
+        lp = np.asarray(run_jax(cfg, params, batch)["speech_log_probs"])
+        outs[seg] = np.abs(lp[:, :24] - lp[:, :1]).max(axis=(1, 2))  # first segment spread
+    print(f"first segment's log-prob spread: off {outs[False]}, on {outs[True]}")
+    assert outs[False].max() < 1e-5 and outs[True].min() > 1e-3
+    s_len, up = np.asarray([3, 2, 5]), np.asarray([40, 24, 60])
+    idx, mask = stretch_index(jnp.asarray(s_len), jnp.asarray(up), 64)
+    got = np.asarray(segment_bins(idx, mask, 5, 12))
+    for b in range(3):
+        want, i = [], np.asarray(idx[b, :up[b]])
+        for k in range(s_len[b]):
+            n = int((i == k).sum())
+            want += [j * 12 // n for j in range(n)]
+        np.testing.assert_array_equal(got[b, :up[b]], want)
+        assert (got[b, up[b]:] == 0).all()
+    np.testing.assert_array_equal(got[1, :24], np.tile(np.arange(12), 2))  # unstretched
 
 
 def test_ctc_ignores_padding_and_unselected_rows():
@@ -298,6 +328,7 @@ def test_config_round_trip_and_presets():
     (dict(sample_top_p=1.5), "sample_top_p must be in"),
     (dict(repetition_window=-1), "repetition_window must be >= 0"),
     (dict(decoder={"hidden_size": 32}), "decoder must be an LLMConfig"),
+    (dict(mode="ar", segment_positions=True), "segment_positions applies to CTC frames"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):

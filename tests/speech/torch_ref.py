@@ -125,6 +125,8 @@ class TorchSpeechGenerator(nn.Module):
         self.fusion = Fusion(c)
         self.llm = _Holder(Qwen2ForCausalLM(qwen2_config(c)))
         self.llm_decoder = nn.Linear(n, c.unit_vocab + 1)
+        if c.segment_positions:  # our option (not OpenOmni's): a frame's place in its segment
+            self.segment_pos = nn.Embedding(c.upsample, n)
         if c.mode == "ar":
             self.ar_embedding = nn.Embedding(2, n)
             self.unit_embedding = nn.Embedding(c.unit_vocab + 1, n)
@@ -167,7 +169,12 @@ class TorchSpeechGenerator(nn.Module):
         reps = []
         for b in range(len(fused)):
             idx = (torch.arange(int(up[b])) / ratio[b]).long()
-            reps.append(fused[b, :s_len[b]][idx])
+            rep = fused[b, :s_len[b]][idx]
+            if c.segment_positions:  # frame j of a segment of n frames: bin j * upsample // n
+                bins = torch.cat([torch.arange(n) * c.upsample // n
+                                  for n in torch.bincount(idx).tolist()])
+                rep = rep + self.segment_pos(bins)
+            reps.append(rep)
         logits, lens = self._decode(reps)
         return {"speech_log_probs": F.log_softmax(logits, dim=-1), "speech_frames": lens}
 
@@ -211,6 +218,8 @@ def to_jax_params(model: TorchSpeechGenerator) -> dict[str, Any]:
     p["llm"] = params_from_hf(c.decoder, llm)["params"]
     p["llm"].pop("lm_head", None)  # the generator never uses the decoder's LM head
     p["llm_decoder"] = {"kernel": sd["llm_decoder.weight"].T, "bias": sd["llm_decoder.bias"]}
+    if c.segment_positions:
+        p["segment_pos"] = {"embedding": sd["segment_pos.weight"]}
     if c.mode == "ar":
         p["ar_embedding"] = {"embedding": sd["ar_embedding.weight"]}
         p["unit_embedding"] = {"embedding": sd["unit_embedding.weight"]}
