@@ -14,8 +14,10 @@ image_caption) are reported as skipped. Speech round trip: the model answers, it
 the vocoder speak the answer, the audio goes back to the same model with an ASR prompt; WER of
 the transcript against the model's text answer (speech_roundtrip_wer) and against the reference
 answer (_ref). Expressive style: the generated speech of speech_dpo prompts is classified by
-the pitch rule of eval.metrics, calibrated on the vocoded chosen (expressive) and rejected
-(neutral) reference units of the same records; accuracy = share classified expressive.
+a rule of eval.metrics (pitch, or speaking rate), each calibrated on the vocoded chosen
+(expressive) and rejected (neutral) reference units of the first CALIBRATION records; the cue
+whose rule tells those references apart best judges (a unit vocoder may keep the rate of the
+speech but not its pitch); accuracy = share classified expressive.
 An evaluator gets `ev` (eval.runner.Evaluator: prompts, batched answers, speech, DPO
 log-likelihoods) and raises nothing for bad records: they go to `skipped` with a reason.
 """
@@ -39,7 +41,7 @@ TASK_METRICS = {**{t: (f"{t}_accuracy",) for t in QA_TASKS}, "speech_asr": ("asr
                 "speech_response": ("speech_roundtrip_wer", "speech_roundtrip_wer_ref"),
                 "speech_dpo": ("dpo_preference_accuracy", "expressive_style_accuracy")}
 ASR_PROMPT = "Transcribe the audio."  # the round trip's question (omni_digits' first ASR prompt)
-CALIBRATION = 32  # reference pairs (the first ones) that calibrate the pitch rule
+CALIBRATION = 32  # reference pairs (the first ones) that calibrate the style rules
 
 
 class Skip(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -331,29 +333,49 @@ def eval_dpo(ev: Any, task: str, items: Sequence[Item], skipped: list[dict[str, 
     return out
 
 
+def _cue_value(cue: str, wav: np.ndarray, rate: int, text: str) -> float:
+    if cue == "pitch":
+        return M.mean_f0(wav, rate)
+    return M.seconds_per_letter(wav, rate, text)
+
+
 def eval_style(ev: Any, task: str, items: Sequence[Item], skipped: list[dict[str, Any]]
                ) -> dict:
-    """Pitch-rule style accuracy of the generated speech (module doc); {} without a vocoder."""
+    """Style accuracy of the generated speech (module doc): every cue's rule calibrated on the
+    vocoded references, the one that tells them apart best judges; {} without a vocoder."""
     if ev.speech_problem(vocoder=True) is not None:
         return {}
-    rate = ev.sample_rate
-    refs = items[:CALIBRATION]
-    neutral = [M.mean_f0(ev.vocode(it.record["speech_units_rejected"]), rate) for it in refs]
-    expressive = [M.mean_f0(ev.vocode(it.record["speech_units"]), rate) for it in refs]
-    try:
-        rule = M.calibrate_pitch(neutral, expressive)
-    except ValueError as e:
-        return {"task": task, "value": None, "count": 0, "error": str(e)}
+    rate, refs = ev.sample_rate, items[:CALIBRATION]
+    texts = [_text(it.record["messages"][-1]["content"]) or "" for it in refs]
+    wavs = {side: [ev.vocode(it.record[key]) for it in refs] for side, key in
+            (("neutral", "speech_units_rejected"), ("expressive", "speech_units"))}
+    cues: dict[str, dict[str, Any]] = {}
+    rules: dict[str, M.StyleRule] = {}
+    for cue in M.STYLE_CUES:
+        vals = {side: [_cue_value(cue, w, rate, t) for w, t in zip(ws, texts)]
+                for side, ws in wavs.items()}
+        try:
+            rule = M.calibrate_style(cue, vals["neutral"], vals["expressive"])
+        except ValueError as e:
+            cues[cue] = {"error": str(e)}
+            continue
+        sep = [rule.is_expressive(v) for v in vals["expressive"]] + [
+            not rule.is_expressive(v) for v in vals["neutral"]]
+        rules[cue] = rule
+        cues[cue] = {"rule": rule.to_dict(), "reference_accuracy": float(np.mean(sep))}
+    if not rules:
+        return {"task": task, "value": None, "count": 0, "cues": cues,
+                "error": "; ".join(c["error"] for c in cues.values())}
+    cue = max(rules, key=lambda c: cues[c]["reference_accuracy"])  # first of equals
+    rule = rules[cue]
     prepared = _prepare_all(ev, items, [])  # (their media decoded fine for the DPO pairs)
     answers = ev.answers(prepared) if prepared else []
-    f0 = [M.mean_f0(ev.speak(p, a)[1], rate) for p, a in zip(prepared, answers)]
-    hits = sum(M.is_expressive(f, rule) for f in f0)
-    sep = [M.is_expressive(f, rule) for f in expressive] + [
-        not M.is_expressive(f, rule) for f in neutral]
-    return {"task": task, "value": hits / len(f0) if f0 else None, "correct": int(hits),
-            "count": len(f0), "rule": rule.to_dict(),
-            "reference_accuracy": float(np.mean(sep)),
-            "mean_f0": [None if not np.isfinite(f) else round(f, 1) for f in f0]}
+    values = [_cue_value(cue, ev.speak(p, a)[1], rate, a) for p, a in zip(prepared, answers)]
+    hits = sum(rule.is_expressive(v) for v in values)
+    return {"task": task, "value": hits / len(values) if values else None,
+            "correct": int(hits), "count": len(values), "cue": cue, "rule": cues[cue]["rule"],
+            "reference_accuracy": cues[cue]["reference_accuracy"], "cues": cues,
+            "values": [None if not np.isfinite(v) else round(float(v), 5) for v in values]}
 
 
 EVALUATORS: dict[str, Callable[..., dict]] = {

@@ -137,8 +137,14 @@ def test_cli_reports_metrics_and_skips_bad_records(trained):
     assert m["dpo_preference_accuracy"]["value"] == np.mean(
         [p["chosen"] > p["rejected"] for p in pairs])
     assert all(np.isfinite([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]))
-    rule = m["expressive_style_accuracy"]["rule"]
-    assert rule["expressive_f0"] > rule["threshold"] > rule["neutral_f0"]
+    style = m["expressive_style_accuracy"]
+    for cue, c in style["cues"].items():  # each calibrated rule sits between its classes
+        if "rule" in c:
+            r, sign = c["rule"], M.STYLE_CUES[cue][0]
+            assert sign * r["expressive_mean"] > sign * r["threshold"] > sign * r["neutral_mean"]
+    assert style["cue"] in style["cues"] and style["rule"] == style["cues"][style["cue"]]["rule"]
+    assert style["reference_accuracy"] == max(c.get("reference_accuracy", -1)
+                                              for c in style["cues"].values())
     skipped = {s["id"]: s for s in report["skipped"]}
     assert set(skipped) == {"bad_image", "empty_wav", "silent_wav", "mismatch", "caption"}
     assert "image item unreadable" in skipped["bad_image"]["reason"]
@@ -175,9 +181,10 @@ def test_metrics_follow_the_answers(trained, monkeypatch):
     assert trip["ref_words"] == sum(len(M.normalize_words(a["reference"]))
                                     for a in trip["answers"]) > 0
     style = right["expressive_style_accuracy"]
-    assert style["count"] == 4 and len(style["mean_f0"]) == 4
-    assert style["value"] == np.mean([f is not None and f > style["rule"]["threshold"]
-                                      for f in style["mean_f0"]])
+    assert style["count"] == 4 and len(style["values"]) == 4
+    rule = M.StyleRule(**style["rule"])
+    assert style["value"] == np.mean([v is not None and rule.is_expressive(v)
+                                      for v in style["values"]])
     monkeypatch.setattr(T, "eval_style", lambda *a: {})  # no speech generation below
     monkeypatch.setattr(runner.Evaluator, "answers",
                         lambda self, prepared: ["zzz"] * len(prepared))

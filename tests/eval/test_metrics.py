@@ -1,5 +1,5 @@
 """eval.metrics on hand-made cases: normalisation, exact match, word edit distance (against a
-brute-force recursion), corpus WER, and the pitch rule on synthetic tones."""
+brute-force recursion), corpus WER, and the pitch and speaking-rate rules on synthetic tones."""
 
 import functools
 import math
@@ -107,21 +107,54 @@ def test_mean_f0_of_tones():
 def test_pitch_rule_separates_low_and_high_tones():
     neutral = [M.mean_f0(tone(hz), SR) for hz in (110.0, 120.0, 130.0)]
     expressive = [M.mean_f0(tone(hz), SR) for hz in (210.0, 220.0, 230.0)]
-    rule = M.calibrate_pitch(neutral, expressive)
+    rule = M.calibrate_style("pitch", neutral, expressive)
     assert rule.threshold == pytest.approx((np.mean(neutral) + np.mean(expressive)) / 2)
     assert rule.threshold == pytest.approx(170.0, rel=0.03)
     assert (rule.neutral_count, rule.expressive_count) == (3, 3)
-    assert M.is_expressive(M.mean_f0(tone(220.0), SR), rule)
-    assert M.is_expressive(M.mean_f0(tone(190.0), SR), rule)
-    assert not M.is_expressive(M.mean_f0(tone(120.0), SR), rule)
-    assert not M.is_expressive(M.mean_f0(tone(150.0), SR), rule)
-    assert not M.is_expressive(float("nan"), rule)
+    assert rule.is_expressive(M.mean_f0(tone(220.0), SR))
+    assert rule.is_expressive(M.mean_f0(tone(190.0), SR))
+    assert not rule.is_expressive(M.mean_f0(tone(120.0), SR))
+    assert not rule.is_expressive(M.mean_f0(tone(150.0), SR))
+    assert not rule.is_expressive(float("nan"))
+    assert rule.expressive_limit == max(expressive)
+    assert not rule.is_expressive(M.mean_f0(tone(300.0), SR))  # past every expressive one
     # an unvoiced neutral reference counts as 0 Hz in its class mean
-    half = M.calibrate_pitch([120.0, float("nan")], [220.0])
+    half = M.calibrate_style("pitch", [120.0, float("nan")], [220.0])
     assert half.threshold == pytest.approx((60.0 + 220.0) / 2)
-    with pytest.raises(ValueError, match="not higher-pitched"):
-        M.calibrate_pitch(expressive, neutral)
-    with pytest.raises(ValueError, match="none of the 1 expressive references is voiced"):
-        M.calibrate_pitch([120.0], [float("nan")])
+    with pytest.raises(ValueError, match="are not higher than neutral ones"):
+        M.calibrate_style("pitch", expressive, neutral)
+    with pytest.raises(ValueError, match="none of the 1 expressive references is measurable"):
+        M.calibrate_style("pitch", [120.0], [float("nan")])
     with pytest.raises(ValueError, match="need neutral and expressive references"):
-        M.calibrate_pitch([], [220.0])
+        M.calibrate_style("pitch", [], [220.0])
+    with pytest.raises(ValueError, match="unknown cue 'loudness'"):
+        M.calibrate_style("loudness", [1.0], [2.0])
+
+
+def speech_like(seconds: float, lead: float = 0.3, tail: float = 0.5) -> np.ndarray:
+    """A tone of `seconds` between stretches of near-silence (noise 60 dB down)."""
+    rng = np.random.default_rng(0)
+    quiet = lambda s: 5e-4 * rng.standard_normal(int(s * SR)).astype(np.float32)  # noqa: E731
+    return np.concatenate([quiet(lead), tone(150.0, seconds), quiet(tail)])
+
+
+def test_rate_rule_times_speech_without_its_silences():
+    text = "It is a three."  # 10 letters
+    assert M.seconds_per_letter(speech_like(1.0), SR, text) == pytest.approx(0.1, abs=0.003)
+    assert M.seconds_per_letter(speech_like(1.0, 0.0, 1.5), SR, text) == pytest.approx(
+        0.1, abs=0.003)  # trailing silence is not speech
+    assert math.isnan(M.seconds_per_letter(np.zeros(SR, np.float32), SR, text))
+    assert math.isnan(M.seconds_per_letter(speech_like(1.0), SR, " ... "))  # no letters
+    neutral = [M.seconds_per_letter(w, SR, text)
+               for w in (speech_like(1.0), speech_like(1.1), np.zeros(SR, np.float32))]
+    expressive = [M.seconds_per_letter(speech_like(s), SR, text) for s in (0.7, 0.8)]
+    rule = M.calibrate_style("rate", neutral, expressive)
+    assert (rule.neutral_count, rule.expressive_count) == (2, 2)  # the silent one left out
+    assert rule.threshold == pytest.approx((0.105 + 0.075) / 2, abs=0.003)
+    assert rule.is_expressive(M.seconds_per_letter(speech_like(0.75), SR, text))
+    assert not rule.is_expressive(M.seconds_per_letter(speech_like(1.05), SR, text))
+    assert not rule.is_expressive(float("nan"))
+    # near-empty speech is faster than any expressive reference: not expressive
+    assert not rule.is_expressive(M.seconds_per_letter(speech_like(0.2), SR, text))
+    with pytest.raises(ValueError, match="are not lower than neutral ones"):
+        M.calibrate_style("rate", expressive, neutral)
