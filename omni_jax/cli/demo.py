@@ -105,8 +105,10 @@ def train_tokenizer(train_dir: str, vocab_size: int, out_prefix: str) -> str:
 
 
 def write_self_asr(train_dir: str, units_dir: str, name: str) -> str:
-    """Self-listening ASR records: each train speech_response answer voiced from its reference
-    units by the dataset's vocoder, with the round trip's ASR prompt -> the manifest path."""
+    """Self-listening ASR records: each train speech_response answer and speech_dpo chosen
+    (expressive) answer voiced from its reference units by the dataset's vocoder, with the
+    round trip's ASR prompt -> the manifest path. The expressive ones: after DPO the model
+    hears its own expressive voice."""
     import soundfile as sf
 
     from omni_jax.speech.vocoder import MelTableVocoder
@@ -117,20 +119,23 @@ def write_self_asr(train_dir: str, units_dir: str, name: str) -> str:
     vocoder = MelTableVocoder.load(units_dir)
     os.makedirs(os.path.join(train_dir, "audio_self"), exist_ok=True)
     out, voiced = [], {}  # one wav per distinct rendering (answers repeat: ~100 in full)
-    with open(os.path.join(train_dir, "speech_response.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            rid = rec["id"].replace("speech_response", name)
-            key = tuple(rec["speech_units"])
-            if key not in voiced:
-                voiced[key] = os.path.join("audio_self", f"{rid}.wav")
-                sf.write(os.path.join(train_dir, voiced[key]), vocoder(rec["speech_units"]),
-                         vocoder.sample_rate, subtype="PCM_16")
-            wav = voiced[key]
-            out.append({"id": rid, "task": "speech_asr", "audios": [wav], "messages": [
-                {"role": "user", "content": [{"type": "audio"},
-                                             {"type": "text", "text": SELF_ASR_PROMPT}]},
-                {"role": "assistant", "content": rec["messages"][-1]["content"]}]})
+    lines = []
+    for task in ("speech_response", "speech_dpo"):
+        with open(os.path.join(train_dir, f"{task}.jsonl")) as f:
+            lines += [(task, line) for line in f]
+    for task, line in lines:
+        rec = json.loads(line)
+        rid = rec["id"].replace(task, name)
+        key = tuple(rec["speech_units"])
+        if key not in voiced:
+            voiced[key] = os.path.join("audio_self", f"{rid}.wav")
+            sf.write(os.path.join(train_dir, voiced[key]), vocoder(rec["speech_units"]),
+                     vocoder.sample_rate, subtype="PCM_16")
+        wav = voiced[key]
+        out.append({"id": rid, "task": "speech_asr", "audios": [wav], "messages": [
+            {"role": "user", "content": [{"type": "audio"},
+                                         {"type": "text", "text": SELF_ASR_PROMPT}]},
+            {"role": "assistant", "content": rec["messages"][-1]["content"]}]})
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in out)
     os.replace(path + ".tmp", path)

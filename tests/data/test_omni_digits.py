@@ -166,10 +166,8 @@ def _check_record(r, labels, vocab):
     elif task == "text_chat":
         x, y = ds
         assert (f"is {T.number_words(x + y)}." in a) or (f"is {T.number_words(x - y)}." in a)
-    if task == "speech_response":  # the short answer (as image_qa) or a sentence
+    if task in ("speech_response", "speech_dpo"):  # the short answer (image_qa's) or a sentence
         assert a in (DIGIT_WORDS[ds[0]], "yes", "no") or (a.endswith(".") and " " in a)
-    elif task == "speech_dpo":
-        assert a.endswith(".") and " " in a
     if task in ("speech_response", "speech_dpo"):
         assert r["speech"].size > 0 and r["speech_units"].size > 0
         assert 0 <= r["speech_units"].min() and r["speech_units"].max() < vocab
@@ -192,28 +190,33 @@ def test_every_task_present_and_well_formed(built):
     np.testing.assert_array_equal(a[0]["video"], b[0]["video"])
 
 
-def test_speech_responses_say_short_answers_and_sentences():
-    """speech_response speaks the answer it records: about SHORT_SPOKEN of them the short
-    answer image_qa teaches (what the trained LLM says), the rest the sentence of the same
-    question; the question and image draws are those of the sentence-only 1.2.0."""
-    plan = T.make_plans(max_images={"train": 200})["train"]
+@pytest.mark.parametrize("task", ["speech_response", "speech_dpo"])
+def test_speech_answers_say_short_answers_and_sentences(task):
+    """speech_response (and since 1.4.0 speech_dpo, in both styles) speaks the answer it
+    records: about SHORT_SPOKEN of them the short answer image_qa teaches (what the trained
+    LLM says), the rest the sentence of the same question; the question and image draws are
+    those of the sentence-only 1.2.0."""
+    plan = T.make_plans(max_images={"train": 400})["train"]
     said: list[str] = []
 
     def speech_fn(text, style):
         said.append(text)
         return np.ones(160, np.int16), np.zeros(4, np.int32)
 
-    recs = [ex for _, ex in T.generate(plan, "speech_response", speech_fn)]
+    recs = [ex for _, ex in T.generate(plan, task, speech_fn)]
     answers = [_s(r["answer"]) for r in recs]
-    assert said == answers and len(recs) == plan.counts["speech_response"] >= 200
+    per = 2 if task == "speech_dpo" else 1  # the chosen and the rejected rendering
+    assert said == [a for a in answers for _ in range(per)]
+    assert len(recs) == plan.counts[task] >= 200
     short = [a in (*DIGIT_WORDS, "yes", "no") for a in answers]
     assert abs(np.mean(short) - T.SHORT_SPOKEN) < 0.1, np.mean(short)
     # the draws of 1.2.0: replaying the question stream gives the same (question, answers)
-    rng = np.random.default_rng([plan.seed, V.SPLITS.index("train"),
-                                 list(T.TASKS).index("speech_response")])
+    rng = np.random.default_rng([plan.seed, V.SPLITS.index("train"), list(T.TASKS).index(task)])
     for r, a in zip(recs, answers):
         q, short_a, sentence = T._image_question(rng, int(r["digits"][0]))
         assert _s(r["prompt"]) == q and a in (short_a, sentence)
+        if task == "speech_dpo":  # the style draw follows the question's (as in 1.2.0)
+            assert _s(r["style"]) == V.EXPRESSIVE[int(rng.integers(len(V.EXPRESSIVE)))].name
 
 
 def test_manifests_load_with_project_reader_and_decode(built):

@@ -15,9 +15,11 @@ keeps its encoders frozen:
                 three projectors, the video one started from the image one (the frames go
                 through the frozen image tower)
   5 speech_gen  CTC speech generator on speech_response units (everything else frozen)
-  6 speech_dpo  DPO of the generator: expressive (chosen) vs neutral (rejected) renderings
+  6 speech_dpo  DPO of the generator: expressive (chosen) vs neutral (rejected) renderings,
+                with CTC on the chosen ones keeping its speech intelligible
 Self-listening ASR (`speech_self_asr`, not an omni_digits task): the train split's
-speech_response answers voiced by the dataset's unit vocoder from their reference units, with
+speech_response answers and speech_dpo chosen (expressive) answers voiced by the dataset's unit
+vocoder from their reference units, with
 the ASR prompt; the demo CLI writes it. It teaches the model to hear its own (vocoded) voice,
 which the speech round trip of the evaluation needs: user speech is espeak voices, the model's
 is the vocoder's. `units=N`: the dataset's unit vocabulary (full: 64, small: 32).
@@ -40,8 +42,9 @@ from omni_jax.configs import common
 
 ORDER = ("image_text", "audio_tower", "speech", "video", "speech_gen", "speech_dpo")
 SELF_ASR = "speech_self_asr"  # the CLI's self-listening manifest (module doc)
-# static padded lengths of a spoken answer: text tokens (<= 9), units (25 Hz, <= 61)
-SPEECH_LENGTHS = {"text_len": 16, "units_len": 64}
+# static padded lengths of a spoken answer: text tokens (<= 9 with the demo tokenizer), units
+# (25 Hz, <= 61); the generator runs UPSAMPLE x text_len frames whatever the answer's length
+SPEECH_LENGTHS = {"text_len": 12, "units_len": 64}
 # steps per stage (full data) and per-stage sequence lengths (prompt + answer, no packing):
 # the longest record of each stage's mixture with the demo tokenizer (cli.demo) is 50 / 68 /
 # 136 / 53 tokens, media expanded
@@ -52,7 +55,10 @@ STEPS = {"image_text": 700, "audio_tower": 600, "speech": 450, "video": 300,
 # sentences 5-9 per token: at 12, 96% of short answers were infeasible (zeroed in training,
 # no units at inference). speech_gen 200 -> 500 steps (1.2.0): CTC loss 2.56 -> 0.76. At 24,
 # 400 steps (full demo, 1.3.0): loss 1.97 and greedy decoding still gives almost only blanks;
-# at 12, 500 steps, 1.3.0: 37 of 80 test answers voiced. The generator needs more steps at 24
+# at 12, 500 steps, 1.3.0: 37 of 80 test answers voiced. Those runs had no segment positions:
+# the frames of a one-token answer were copies of one vector, so the generator (causal, RoPE
+# only) gave them identical outputs and could say at most one unit (SpeechGenConfig.
+# segment_positions; the synthetic task without a lead token: held-out UER 35% -> 0%)
 UPSAMPLE = 24
 SEQ = {"image_text": 56, "speech": 72, "video": 144, "speech_out": 56}
 # Measured on 2 cores (image_text alone, first 200 test records): image QA after 32 x 300
@@ -78,6 +84,15 @@ VIDEO_LR = 1e-3
 # tower frozen: video QA 10.0%; its projector started from the image one: 21.1% (image QA 84.9
 # either way, also at LR 5e-4 or with twice the image QA replay)
 TOWER_LR = 3e-3
+# CTC on the chosen (expressive) units beside DPO (as RPO adds NLL on the chosen side). DPO
+# alone (5e-4, 80 steps, omni_digits 1.3.0: sentence pairs only) took the generator's speech
+# to 0.03 s per letter (expressive references 0.08, neutral 0.10): preference 0 -> 100% but the
+# round trip 6.1 -> 84.9% WER. From one speech_gen checkpoint (1.4.0; round trip 16.8%, style
+# 16.7%), round trip / preference / style after DPO: CTC x1 at 5e-4 47.5 / 63.3 / 32.2, at
+# 2e-4 64.8 / 35.6 / 32.2, at 1e-4 60.3 / 14.4 / 32.2; x3 27.9 / 48.9 / 32.2 (160 steps: 26.3
+# / 95.6 / 35.6); x10 27.9 / 45.6 / 35.6. The LLM hears the vocoded expressive references at
+# 16.7% WER, the neutral ones at 7.5%: speech moved toward the expressive voice is heard worse
+DPO_CTC = 3.0
 # audio_ctc's static caps per row: audio tokens (one 3 s clip: 30) and transcript tokens
 AUDIO_CTC = {"max_frames": 32, "max_labels": 16}
 
@@ -94,7 +109,7 @@ def _model(units: int) -> ml_collections.ConfigDict:
     llm = model.llm
     model.speech = speech_preset("tiny", int(llm.hidden_size), mode="ctc",
                                  text_vocab=int(llm.vocab_size), unit_vocab=units,
-                                 upsample=UPSAMPLE).to_dict()
+                                 upsample=UPSAMPLE, segment_positions=True).to_dict()
     return model
 
 
@@ -150,7 +165,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "speech_dpo": common.stage(
             description="emotional speech DPO: the generator vs its frozen copy",
             trainable=["^speech/"], sources=common.mixture(speech_dpo=1.0),
-            losses={"dpo": {"weight": 1.0, "beta": 0.1}}, steps=steps("speech_dpo"),
+            losses={"dpo": {"weight": 1.0, "beta": 0.1}, "ctc": DPO_CTC},
+            steps=steps("speech_dpo"),
             batch_size=BATCH["speech_dpo"],
             seq_len=SEQ["speech_out"], speech=SPEECH_LENGTHS, **{**base, "lr": 5e-4}),
     }

@@ -15,7 +15,7 @@ Every record is one flat example (FIELDS; unused fields are empty) with a `task`
   text_chat        text-only digit arithmetic
   speech_response  image + question -> sentence (or short) answer + its neutral rendering
                    and units
-  speech_dpo       the same, always the sentence; chosen = an expressive rendering,
+  speech_dpo       the same (sentence or short answer); chosen = an expressive rendering,
                    rejected = the neutral one
   text_to_image    "Draw a seven." -> an image out (target: a split image of that digit)
   image_to_image   image + "Reproduce this image." -> the same image out
@@ -289,18 +289,19 @@ def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None
         else:  # speech_response / speech_dpo
             q, short, sentence = _image_question(rng, d)
             assert speech_fn is not None
+            # the generator must speak whatever the LLM says: a sentence, or the short answer
+            # image_qa teaches (own stream: the rest of the record is as in 1.2.0); DPO pairs
+            # too (1.4.0): trained on sentences alone, DPO made short answers unintelligible
+            said = short if spoken.random() < SHORT_SPOKEN else sentence
             if task == "speech_response":
-                # the generator must speak whatever the LLM says: a sentence, or the short
-                # answer image_qa teaches (own stream: the rest of the record is as in 1.2.0)
-                said = short if spoken.random() < SHORT_SPOKEN else sentence
                 wave, units = speech_fn(said, V.NEUTRAL)
                 ex = _example(**image, prompt=q, answer=said, voice=V.ASSISTANT_VOICE,
                               style=V.NEUTRAL.name, speech=wave, speech_units=units)
             else:
                 style = V.EXPRESSIVE[int(rng.integers(len(V.EXPRESSIVE)))]
-                wave, units = speech_fn(sentence, style)
-                rej, rej_units = speech_fn(sentence, V.NEUTRAL)
-                ex = _example(**image, prompt=q, answer=sentence, voice=V.ASSISTANT_VOICE,
+                wave, units = speech_fn(said, style)
+                rej, rej_units = speech_fn(said, V.NEUTRAL)
+                ex = _example(**image, prompt=q, answer=said, voice=V.ASSISTANT_VOICE,
                               style=style.name, speech=wave, speech_units=units,
                               style_rejected=V.NEUTRAL.name, speech_rejected=rej,
                               speech_units_rejected=rej_units)
