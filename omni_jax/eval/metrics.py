@@ -133,8 +133,8 @@ def mean_f0(wav: np.ndarray, sample_rate: int, *, fmin: float = F0_RANGE[0],
 def seconds_per_letter(wav: np.ndarray, sample_rate: int, text: str, *,
                        top_db: float = TRIM_DB) -> float:
     """Speaking rate: the utterance's duration without leading / trailing silence (librosa's
-    trim, `top_db` below the peak, TRIM_FRAME frames) over the letters and digits of its text (nan when the
-    audio is silent or the text has none)."""
+    trim, `top_db` below the peak, TRIM_FRAME frames) over the letters and digits of its text
+    (nan when the audio is silent or the text has none)."""
     import librosa
 
     x = _check_wav("seconds_per_letter", wav, sample_rate)
