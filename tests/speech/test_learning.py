@@ -182,10 +182,10 @@ def test_segment_positions_voice_the_first_word():
     uer = {}
     for seg in (False, True):
         cfg = tiny_generator_config(task, "ctc", segment_positions=seg)
-        trainer = Trainer(trainer_config(300, {"ctc": 1.0}), SpeechLM(cfg))
+        trainer = Trainer(trainer_config(200, {"ctc": 1.0}), SpeechLM(cfg))
         state = trainer.init_state(task.batch(train_items[:BATCH]))
         stream = task.stream(train_items, BATCH, seed=0)
-        for _ in range(300):
+        for _ in range(200):
             state, _ = trainer.train_step(state, trainer.shard(next(stream)))
         params = jax.device_get(state["params"])["speech"]
         for name, b in held.items():
@@ -195,6 +195,6 @@ def test_segment_positions_voice_the_first_word():
             hyps = ctc_greedy(out["speech_log_probs"], out["speech_frame_mask"])
             uer[seg, name] = unit_error_rate(hyps, task.references(b))
     print("held-out UER (segment_positions, set):", {k: round(v, 4) for k, v in uer.items()})
-    # measured (300 steps, seed 0): on 0.0% / 0.0%, off 39.3% / 100%
+    # measured (200 steps, seed 0): on 0.6% / 1.1%, off 57.1% / 100% (300 steps: 0 / 0, 39.3 / 100)
     assert uer[True, "sequences"] < 0.03 and uer[True, "one_word"] < 0.05
     assert uer[False, "sequences"] > 0.2 and uer[False, "one_word"] > 0.8
