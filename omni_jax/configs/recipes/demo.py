@@ -19,10 +19,10 @@ keeps its encoders frozen:
                 with CTC on the chosen ones keeping its speech intelligible
 Self-listening ASR (`speech_self_asr`, not an omni_digits task): the train split's
 speech_response answers and speech_dpo chosen (expressive) answers voiced by the dataset's unit
-vocoder from their reference units, with
-the ASR prompt; the demo CLI writes it. It teaches the model to hear its own (vocoded) voice,
-which the speech round trip of the evaluation needs: user speech is espeak voices, the model's
-is the vocoder's. `units=N`: the dataset's unit vocabulary (full: 64, small: 32).
+vocoder from their reference units, with the ASR prompt; the demo CLI writes it. It teaches the
+model to hear its own (vocoded) voice, which the speech round trip of the evaluation needs: user
+speech is espeak voices, the model's is the vocoder's. `units=N`: the dataset's unit vocabulary
+(full: 64, small: 32).
 
   python -m omni_jax.cli.demo --workdir runs/demo            # data, tokenizer, train, eval
   python -m omni_jax.cli.train --config omni_jax/configs/recipes/demo.py:units=64 \
