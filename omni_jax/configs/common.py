@@ -265,7 +265,8 @@ def recipe(name: str, model_name: str, flavor: str, stage_order: Sequence[str],
     c.data_root = "data"  # relative source paths resolve against this directory
     c.tokenizer = {"path": "", "kind": "sentencepiece"}  # TokenizerConfig (path required)
     c.text_only = False  # True: drop media parts (LLM-only runs of any recipe)
-    # record tasks whose answer transcribes the audio (marked for the `audio_ctc` loss)
+    # record tasks whose answer transcribes the audio or captions the image (marked for the
+    # `audio_ctc` and `image_bow` losses)
     c.transcript_tasks = ()
     # saved unit tokenizer (omni_jax.speech.units) for records whose spoken answer is audio
     c.speech_units = {"dir": ""}

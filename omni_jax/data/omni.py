@@ -101,15 +101,17 @@ class OmniEncoder:
         """speech: a data.speech.SpeechTargets adding speech-out targets to records with a
         spoken answer (None: speech fields of records are ignored); gen: a
         data.gen_image.GenTargets adding image-out targets (None: gen_image fields ignored);
-        transcript_tasks: record tasks whose answer transcribes the audio: every example then
-        carries `transcript_mask` (see transcript_mask), for the `audio_ctc` loss."""
+        transcript_tasks: record tasks whose answer transcribes the audio or captions the
+        image: every example then carries `transcript_mask` (see transcript_mask), for the
+        `audio_ctc` and `image_bow` losses."""
         self.config, self.template, self.speech, self.gen = config, template, speech, gen
         if isinstance(transcript_tasks, str) or not all(
                 isinstance(t, str) and t for t in transcript_tasks):
             raise ValueError(f"OmniEncoder: transcript_tasks must be a sequence of task names, "
                              f"got {transcript_tasks!r}")
-        if transcript_tasks and config.audio is None:
-            raise ValueError("OmniEncoder: transcript_tasks need a model with an audio tower")
+        if transcript_tasks and config.audio is None and config.image is None:
+            raise ValueError("OmniEncoder: transcript_tasks need a model with an audio tower "
+                             "or an image tower")
         self.transcript_tasks = tuple(transcript_tasks)
         self._specials = np.asarray(sorted(template.tokenizer.special_ids.values()), np.int32
                                     ) if transcript_tasks else np.zeros(0, np.int32)
@@ -284,9 +286,10 @@ class OmniEncoder:
     def transcript_mask(self, record: Mapping[str, Any], example: Mapping[str, np.ndarray]
                         ) -> np.ndarray:
         """[seq] int32: 1 on the answer tokens of a record whose task is a transcript task and
-        which has audio (special tokens such as <|im_end|> excluded), else all 0."""
+        which has audio or an image (special tokens such as <|im_end|> excluded), else all 0."""
         ids = example["input_ids"]
-        if record.get("task") not in self.transcript_tasks or "audio" not in example:
+        if record.get("task") not in self.transcript_tasks or not (
+                {"audio", "image"} & set(example)):
             return np.zeros(ids.shape, np.int32)
         keep = (example["loss_mask"] > 0) & ~np.isin(ids, self._specials)
         return keep.astype(np.int32)

@@ -118,6 +118,7 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM | None = None, *,
     import flax.linen as nn
 
     from omni_jax.train.audio_ctc import check_stage as check_audio_ctc
+    from omni_jax.train.image_bow import check_stage as check_image_bow
     from omni_jax.train.losses import make_objective
 
     model = model_of(config) if model is None else model
@@ -146,6 +147,10 @@ def make_plan(config: ml_collections.ConfigDict, model: OmniLM | None = None, *,
         data = resolve_data(config, model.config, s)
         check_audio_ctc(name, s.losses, data, config.get("transcript_tasks"),
                         tokens_per_item(model.config, "audio") if model.config.audio else None,
+                        text_only=bool(config.get("text_only")),
+                        xvila=bool(config.get("xvila_output")))
+        check_image_bow(name, s.losses, data, config.get("transcript_tasks"),
+                        model.config.image is not None,
                         text_only=bool(config.get("text_only")),
                         xvila=bool(config.get("xvila_output")))
         have = all(fs.exists(p) for src in data["sources"].values()

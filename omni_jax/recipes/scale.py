@@ -75,6 +75,7 @@ def format_memory(plan: Mapping[str, Any]) -> str:
             f"total {plan['total'] / GIB:.2f} GiB (+ activations)")
 
 
+TRANSCRIPT_LOSSES = ("audio_ctc", "image_bow")  # the losses that read batch["transcript_mask"]
 TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "modality", "item_index", "segment_ids",
               "positions", "media_index")
 
@@ -85,8 +86,8 @@ def abstract_batch(plan: Any) -> dict[str, jax.ShapeDtypeStruct]:
 
     dc = DataConfig.from_dict(plan.data)
     b, n = int(plan.trainer_config.batch_size), dc.max_len
-    keys = TOKEN_KEYS + (("transcript_mask",) if "audio_ctc" in dict(
-        plan.trainer_config.stage.losses) else ())
+    keys = TOKEN_KEYS + (("transcript_mask",) if set(TRANSCRIPT_LOSSES) & set(dict(
+        plan.trainer_config.stage.losses)) else ())
     out = {k: jax.ShapeDtypeStruct((b, n), np.int32) for k in keys}
     for key, spec in plan.data.get("media", {}).items():
         out[key] = jax.ShapeDtypeStruct((int(spec["max_items"]), *spec["shape"]), np.float32)

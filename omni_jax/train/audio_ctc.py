@@ -151,17 +151,27 @@ def check_stage(name: str, losses: Mapping[str, Any], data: Mapping[str, Any],
         raise ValueError(f"stage {name!r}: audio_ctc max_frames={max_frames} is below the "
                          f"{audio_tokens} audio tokens of one clip: every row would be left "
                          f"out; set max_frames >= {audio_tokens} x clips per record")
+    check_transcripts(name, "audio_ctc", data, transcript_tasks, text_only=text_only,
+                      xvila=xvila)
+
+
+def check_transcripts(name: str, loss: str, data: Mapping[str, Any], transcript_tasks: Any, *,
+                      text_only: bool = False, xvila: bool = False) -> None:
+    """What every loss on `transcript_mask` needs (audio_ctc, image_bow): the omni model with
+    its media (not text_only, not X-VILA's), the recipe's transcript_tasks as a non-empty
+    sequence of task names, one conversation per row (packing off)."""
     if text_only or xvila:
-        raise ValueError(f"stage {name!r}: loss 'audio_ctc' needs the omni model with its "
+        raise ValueError(f"stage {name!r}: loss {loss!r} needs the omni model with its "
                          f"media (text_only={text_only}, xvila_output={xvila})")
     if isinstance(transcript_tasks, str):
         raise ValueError(f"stage {name!r}: transcript_tasks must be a sequence of task names, "
                          f"got the string {transcript_tasks!r}")
     if not transcript_tasks:
-        raise ValueError(f"stage {name!r}: loss 'audio_ctc' needs the recipe's "
-                         "transcript_tasks (record tasks whose answer is the audio's "
-                         "transcript, e.g. ('speech_asr',)); it is empty")
+        raise ValueError(f"stage {name!r}: loss {loss!r} needs the recipe's "
+                         "transcript_tasks (record tasks whose answer transcribes the audio "
+                         "or captions the image, e.g. ('speech_asr', 'image_caption')); it is "
+                         "empty")
     if data.get("packing"):
-        raise ValueError(f"stage {name!r}: loss 'audio_ctc' needs packing=False (one "
-                         "conversation per row: a row's audio tokens and transcript must be "
+        raise ValueError(f"stage {name!r}: loss {loss!r} needs packing=False (one "
+                         "conversation per row: a row's media tokens and transcript must be "
                          "one example's)")

@@ -146,5 +146,5 @@ def make_objective(losses: Mapping[str, float | Mapping[str, Any]],
     return objective
 
 
-# registers audio_ctc; ctc, unit_ce, dpo, moe_aux
-from omni_jax.train import audio_ctc, speech_losses  # noqa: E402,F401
+# registers audio_ctc, image_bow; ctc, unit_ce, dpo, moe_aux
+from omni_jax.train import audio_ctc, image_bow, speech_losses  # noqa: E402,F401
