@@ -339,15 +339,24 @@ def _cue_value(cue: str, wav: np.ndarray, rate: int, text: str) -> float:
     return M.seconds_per_letter(wav, rate, text)
 
 
-def eval_style(ev: Any, task: str, items: Sequence[Item], skipped: list[dict[str, Any]]
-               ) -> dict:
-    """Style accuracy of the generated speech (module doc): every cue's rule calibrated on the
-    vocoded references, the one that tells them apart best judges; {} without a vocoder."""
-    if ev.speech_problem(vocoder=True) is not None:
-        return {}
-    rate, refs = ev.sample_rate, items[:CALIBRATION]
+_CALIBRATED: dict[tuple, tuple[dict, dict]] = {}  # (vocoder, references) -> (cues, rules)
+CACHED_CALIBRATIONS = 8
+
+
+def calibrate_cues(ev: Any, refs: Sequence[Item]) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Every style cue's rule calibrated on the vocoded reference pairs -> ({cue: its rule and
+    reference accuracy, or its error}, {cue: StyleRule}). Kept per process for a vocoder with a
+    `fingerprint` (the same references of a manifest are voiced and measured once, not once
+    per evaluated stage)."""
+    rate = ev.sample_rate
     texts = [_text(it.record["messages"][-1]["content"]) or "" for it in refs]
-    wavs = {side: [ev.vocode(it.record[key]) for it in refs] for side, key in
+    fingerprint = getattr(ev.vocoder, "fingerprint", None)
+    key = None if fingerprint is None else (fingerprint, rate, tuple(
+        (tuple(it.record["speech_units"]), tuple(it.record["speech_units_rejected"]), t)
+        for it, t in zip(refs, texts)))
+    if key is not None and key in _CALIBRATED:
+        return _CALIBRATED[key]
+    wavs = {side: [ev.vocode(it.record[k]) for it in refs] for side, k in
             (("neutral", "speech_units_rejected"), ("expressive", "speech_units"))}
     cues: dict[str, dict[str, Any]] = {}
     rules: dict[str, M.StyleRule] = {}
@@ -363,6 +372,21 @@ def eval_style(ev: Any, task: str, items: Sequence[Item], skipped: list[dict[str
             not rule.is_expressive(v) for v in vals["neutral"]]
         rules[cue] = rule
         cues[cue] = {"rule": rule.to_dict(), "reference_accuracy": float(np.mean(sep))}
+    if key is not None:
+        while len(_CALIBRATED) >= CACHED_CALIBRATIONS:
+            _CALIBRATED.pop(next(iter(_CALIBRATED)))
+        _CALIBRATED[key] = (cues, rules)
+    return cues, rules
+
+
+def eval_style(ev: Any, task: str, items: Sequence[Item], skipped: list[dict[str, Any]]
+               ) -> dict:
+    """Style accuracy of the generated speech (module doc): every cue's rule calibrated on the
+    vocoded references, the one that tells them apart best judges; {} without a vocoder."""
+    if ev.speech_problem(vocoder=True) is not None:
+        return {}
+    rate, refs = ev.sample_rate, items[:CALIBRATION]
+    cues, rules = calibrate_cues(ev, refs)
     if not rules:
         return {"task": task, "value": None, "count": 0, "cues": cues,
                 "error": "; ".join(c["error"] for c in cues.values())}

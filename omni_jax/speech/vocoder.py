@@ -18,6 +18,7 @@ to the tokenizer as vocoder.json (config, vocab, rates) + vocoder.npz (table, co
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -98,6 +99,7 @@ class MelTableVocoder:
         self.table, self.counts, self.config = table, counts, config
         self.sample_rate, self.frame_rate = int(sample_rate), int(frame_rate)
         self.audio = config.audio_config(self.sample_rate, self.frame_rate)
+        self._fingerprint: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -106,6 +108,17 @@ class MelTableVocoder:
     @property
     def hop_length(self) -> int:
         return self.audio.hop_length
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what synthesis reads (table, config, rates): equal fingerprints voice
+        equal units identically, so their results may be cached."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.table.tobytes())
+            h.update(json.dumps([self.config.to_dict(), self.sample_rate, self.frame_rate],
+                                sort_keys=True).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     @classmethod
     def fit(cls, tokenizer: UnitTokenizer, wavs: Sequence[Any],

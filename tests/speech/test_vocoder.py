@@ -102,6 +102,14 @@ def test_save_load_with_tokenizer(setup, tmp_path):
     units = UnitTokenizer.load(tmp_path).encode(speech[("en", TEXTS[3])], SR)
     np.testing.assert_array_equal(loaded(units), voc(units))
     assert loaded.config == voc.config
+    # equal fingerprints voice equally (eval caches by it); another table or setting differs
+    assert loaded.fingerprint == voc.fingerprint and len(voc.fingerprint) == 64
+    table = voc.table.copy()
+    table[0, 0] += 1e-3
+    assert MelTableVocoder(table, voc.counts, voc.config, voc.sample_rate,
+                           voc.frame_rate).fingerprint != voc.fingerprint
+    assert MelTableVocoder(voc.table, voc.counts, voc.config.replace(n_iter=8), voc.sample_rate,
+                           voc.frame_rate).fingerprint != voc.fingerprint
     other = UnitTokenizer(tok.config.replace(vocab_size=8), tok.centroids[:8], tok.mean, tok.std)
     other.save(tmp_path)  # a different tokenizer in the same directory
     with pytest.raises(ValueError, match="!= the tokenizer's \\(8, 16000, 50\\)"):
