@@ -64,6 +64,22 @@ def _torch_reference(embeds, kernel, batch, max_labels):
     return loss.item(), e.grad.numpy(), k.grad.numpy()
 
 
+def check_value_and_grads(f, embeds, kernel, reference, rtol, atol):
+    """f(embeds, kernel, head_grad) -> (loss, metrics): value and both gradients match the
+    torch `reference` (loss, d embeds, d kernel); with head_grad=False (the default of these
+    losses) the kernel (the LLM's token embeddings) is a fixed target. -> (metrics, d embeds)."""
+    ref, ref_e, ref_k = reference
+    e, k = jnp.asarray(embeds), jnp.asarray(kernel)
+    (loss, metrics), (g_e, g_k) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(e, k)
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_e), ref_e, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(g_k), ref_k, rtol=rtol, atol=atol)
+    g_e0, g_k0 = jax.grad(lambda a, b: f(a, b, head_grad=False)[0], argnums=(0, 1))(e, k)
+    np.testing.assert_allclose(np.asarray(g_e0), ref_e, rtol=rtol, atol=atol)
+    assert not np.any(np.asarray(g_k0))
+    return metrics, np.asarray(g_e)
+
+
 def test_audio_ctc_value_and_grads_match_torch():
     rng = np.random.default_rng(0)
     batch = _batch(rng)
@@ -75,17 +91,8 @@ def test_audio_ctc_value_and_grads_match_torch():
         return audio_ctc_loss({"inputs_embeds": e, "lm_head": k}, batch, max_frames=12,
                               max_labels=6, head_grad=head_grad, scale=SCALE, blank_cos=BLANK)
 
-    (loss, metrics), (g_e, g_k) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
-        jnp.asarray(embeds), jnp.asarray(kernel))
-    np.testing.assert_allclose(float(loss), ref, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(g_e), ref_e, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(g_k), ref_k, rtol=1e-4, atol=1e-6)
+    metrics, _ = check_value_and_grads(f, embeds, kernel, (ref, ref_e, ref_k), 1e-4, 1e-6)
     assert float(metrics["rows"]) == 2 and float(metrics["tokens"]) == 6
-    # default head_grad=False: the head (token embeddings) is a fixed target of this loss
-    g_e0, g_k0 = jax.grad(lambda e, k: f(e, k, head_grad=False)[0], argnums=(0, 1))(
-        jnp.asarray(embeds), jnp.asarray(kernel))
-    np.testing.assert_allclose(np.asarray(g_e0), ref_e, rtol=1e-4, atol=1e-6)
-    assert not np.any(np.asarray(g_k0))
     assert float(metrics["overflow"]) == 1 and float(metrics["infeasible"]) == 0
     # too few frame slots for row 0 (8 audio tokens): row 0 is left out, not truncated
     loss2, m2 = audio_ctc_loss({"inputs_embeds": embeds, "lm_head": kernel}, batch,
@@ -171,25 +178,31 @@ def test_encoder_marks_the_transcript_of_transcript_tasks_only(asr):
                     transcript_tasks=("speech_asr",))
 
 
-def test_gradient_reaches_the_audio_tower_only(asr):
-    cfg, template, records = asr
-    enc = OmniEncoder(cfg, template, audio=AUDIO, transcript_tasks=("speech_asr",))
-    examples = [packing.shift_example(enc(r)) for r in records["speech_asr"]]
-    media = {"audio": (len(examples), (80, cfg.audio.num_frames))}
+def grad_norms(cfg, examples, media, losses):
+    """One batch of `examples` (packed with `media`), the OmniLM's gradient of `losses` ->
+    (loss, metrics, {top-level param group: sum |grad|})."""
     batch = packing.pad_batch(examples, len(examples), [128], media=media)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     model = OmniLM(cfg)
     params = nn.unbox(model.init(jax.random.key(0), batch)["params"])
-    objective = make_objective({"audio_ctc": {"weight": 1.0, "max_frames": 32,
-                                              "max_labels": 16}})
+    objective = make_objective(losses)
 
     def f(p):
         return objective(model.apply(p, batch), batch)
 
     (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return loss, metrics, {k: float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(v)))
+                           for k, v in grads.items()}
+
+
+def test_gradient_reaches_the_audio_tower_only(asr):
+    cfg, template, records = asr
+    enc = OmniEncoder(cfg, template, audio=AUDIO, transcript_tasks=("speech_asr",))
+    examples = [packing.shift_example(enc(r)) for r in records["speech_asr"]]
+    loss, metrics, norm = grad_norms(
+        cfg, examples, {"audio": (len(examples), (80, cfg.audio.num_frames))},
+        {"audio_ctc": {"weight": 1.0, "max_frames": 32, "max_labels": 16}})
     assert np.isfinite(float(loss)) and float(metrics["audio_ctc/rows"]) == len(examples)
-    norm = {k: float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(v)))
-            for k, v in grads.items()}
     assert norm["audio_encoder"] > 0 and norm["audio_adapter"] > 0
     assert norm["llm"] == 0 and norm["image_encoder"] == 0 and norm["image_adapter"] == 0
 

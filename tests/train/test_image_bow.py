@@ -2,7 +2,6 @@
 gradients), the encoder's caption marks, the plan-time checks, gradients reaching the image
 tower end to end, and a tower that learns to name held-out digits."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +13,12 @@ from omni_jax.data.omni import OmniEncoder
 from omni_jax.omni_config import OmniConfig
 from omni_jax.train.image_bow import check_stage, image_bow_loss
 from omni_jax.train.losses import LOSSES, make_objective
-from omni_jax.train.omni_model import OmniLM
 from tests.data.test_omni_data import AUDIO, CONFIG, setup  # noqa: F401 (fixture)
-from tests.train.test_audio_ctc import asr  # noqa: F401 (fixture)
+from tests.train.test_audio_ctc import (  # noqa: F401 (fixture)
+    asr,
+    check_value_and_grads,
+    grad_norms,
+)
 
 B, S, D, V = 4, 20, 8, 13
 SCALE = 6.0
@@ -72,19 +74,10 @@ def test_image_bow_value_and_grads_match_torch():
         return image_bow_loss({"inputs_embeds": e, "lm_head": k}, batch, scale=SCALE,
                               head_grad=head_grad)
 
-    (loss, metrics), (g_e, g_k) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
-        jnp.asarray(embeds), jnp.asarray(kernel))
-    np.testing.assert_allclose(float(loss), ref, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(g_e), ref_e, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(g_k), ref_k, rtol=1e-5, atol=1e-7)
+    metrics, g_e = check_value_and_grads(f, embeds, kernel, (ref, ref_e, ref_k), 1e-5, 1e-7)
     assert float(metrics["rows"]) == 2 and float(metrics["tokens"]) == 5
-    # default head_grad=False: the head (token embeddings) is a fixed target
-    g_e0, g_k0 = jax.grad(lambda e, k: f(e, k, head_grad=False)[0], argnums=(0, 1))(
-        jnp.asarray(embeds), jnp.asarray(kernel))
-    np.testing.assert_allclose(np.asarray(g_e0), ref_e, rtol=1e-5, atol=1e-7)
-    assert not np.any(np.asarray(g_k0))
     # text tokens get no gradient; the pooled token's norm does not change the loss
-    assert not np.any(np.asarray(g_e)[batch["modality"] != 1])
+    assert not np.any(g_e[batch["modality"] != 1])
     loss3, _ = f(jnp.asarray(embeds) * 7.0, jnp.asarray(kernel))
     np.testing.assert_allclose(float(loss3), ref, rtol=1e-6)
     # no captioned image in the batch: zero loss, zero rows, finite
@@ -143,20 +136,9 @@ def test_encoder_marks_captions_and_gradient_reaches_the_image_tower_only(asr): 
 
     examples = [packing.shift_example(enc(r)) for r in records["image_caption"]]
     size = cfg.image.image_size[0]
-    media = {"image": (len(examples), (size, size, 3))}
-    batch = packing.pad_batch(examples, len(examples), [128], media=media)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    model = OmniLM(cfg)
-    params = nn.unbox(model.init(jax.random.key(0), batch)["params"])
-    objective = make_objective({"image_bow": 1.0})
-
-    def f(p):
-        return objective(model.apply(p, batch), batch)
-
-    (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+    loss, metrics, norm = grad_norms(cfg, examples, {"image": (len(examples), (size, size, 3))},
+                                     {"image_bow": 1.0})
     assert np.isfinite(float(loss)) and float(metrics["image_bow/rows"]) == len(examples)
-    norm = {k: float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(v)))
-            for k, v in grads.items()}
     assert norm["image_encoder"] > 0 and norm["image_adapter"] > 0
     assert norm["llm"] == 0 and norm["audio_encoder"] == 0 and norm["audio_adapter"] == 0
 
