@@ -13,6 +13,7 @@ import pytest
 
 from omni_jax.cli import demo as cli
 from omni_jax.configs.recipes import demo as recipe
+from omni_jax.eval import towers
 from omni_jax.recipes import run
 
 STEPS = 0.1  # x the recipe's steps: 30 / 45 / 60 / 45 / 30 / 40 / 8, then raised to
@@ -69,8 +70,8 @@ def test_image_qa_beats_chance_on_held_out_images(trained):
     assert m["count"] == 160  # 80 unseen test images x 2 questions
     assert m["accuracy"] >= m["chance"] + MARGIN, m
     # the image tower alone (its image_bow classifier, no LLM) on the what-digit questions
-    t = cli.tower_image(c, os.path.join(root, "train"), "image_tower",
-                        os.path.join(root, "data", "test", "image_qa.jsonl"), None)
+    t = towers.tower_image(c, os.path.join(root, "train"), "image_tower",
+                           os.path.join(root, "data", "test", "image_qa.jsonl"), None)
     print({k: t[k] for k in ("accuracy", "chance", "count")})
     assert t["count"] > 40 and t["accuracy"] >= t["chance"] + TOWER_MARGIN, t
 
