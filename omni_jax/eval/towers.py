@@ -22,7 +22,7 @@ def tower_run(config: Any, train_dir: str, stage: str, manifest: str,
                ) -> tuple[list[Any], list[Any], Any, list[dict]]:
     """A stage's towers alone on a manifest: the first max_records records `keep` selects,
     encoded (an unreadable one is reported, the rest evaluated), padded to batch_size rows
-    with the model's media shapes, `fn(model_outputs, batch, the stage's losses)` jitted per
+    with the model's media shapes, `fn(model_outputs, batch, {loss: its options})` jitted per
     batch -> (items, per-item outputs, encoder, skipped)."""
     import jax
     import jax.numpy as jnp
@@ -30,6 +30,7 @@ def tower_run(config: Any, train_dir: str, stage: str, manifest: str,
     from omni_jax.data import packing
     from omni_jax.eval.tasks import read_items
     from omni_jax.recipes import final_params, make_encoder, make_plan, model_of
+    from omni_jax.train.losses import loss_spec
 
     model = model_of(config)
     plan = next(p for p in make_plan(config, model, count_data=False) if p.name == stage)
@@ -43,7 +44,8 @@ def tower_run(config: Any, train_dir: str, stage: str, manifest: str,
     if model.config.image is not None:
         side = int(model.config.image.image_size[0])
         media["image"] = (side, side, 3)
-    opts = config.stages[stage].losses.to_dict()
+    opts = {name: loss_spec(name, spec)[1]  # options without the weight
+            for name, spec in config.stages[stage].losses.to_dict().items()}
     step = jax.jit(lambda p, b: fn(model.apply(p, b), b, opts))
     good = []
     for it in items:
@@ -106,11 +108,9 @@ def tower_image(config: Any, train_dir: str, stage: str, manifest: str,
     from omni_jax.train import image_bow as ibow
 
     def fn(out, batch, opts):
-        o = opts["image_bow"]
         pooled, _ = ibow.pooled_image(out["inputs_embeds"], batch["modality"])
         return ibow.image_bow_log_probs(pooled, out["lm_head"],
-                                        (o if isinstance(o, dict) else {}).get("scale",
-                                                                               ibow.SCALE))
+                                        opts["image_bow"].get("scale", ibow.SCALE))
 
     words = list(DIGIT_WORDS)
     items, outs, encoder, skipped = tower_run(

@@ -75,7 +75,6 @@ def format_memory(plan: Mapping[str, Any]) -> str:
             f"total {plan['total'] / GIB:.2f} GiB (+ activations)")
 
 
-TRANSCRIPT_LOSSES = ("audio_ctc", "image_bow")  # the losses that read batch["transcript_mask"]
 TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "modality", "item_index", "segment_ids",
               "positions", "media_index")
 
@@ -83,10 +82,11 @@ TOKEN_KEYS = ("input_ids", "targets", "loss_mask", "modality", "item_index", "se
 def abstract_batch(plan: Any) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch a stage's pipeline yields, as shapes (token keys + its media budget)."""
     from omni_jax.data.pipeline import DataConfig
+    from omni_jax.train.audio_ctc import TRANSCRIPT_KEY, TRANSCRIPT_LOSSES
 
     dc = DataConfig.from_dict(plan.data)
     b, n = int(plan.trainer_config.batch_size), dc.max_len
-    keys = TOKEN_KEYS + (("transcript_mask",) if set(TRANSCRIPT_LOSSES) & set(dict(
+    keys = TOKEN_KEYS + ((TRANSCRIPT_KEY,) if set(TRANSCRIPT_LOSSES) & set(dict(
         plan.trainer_config.stage.losses)) else ())
     out = {k: jax.ShapeDtypeStruct((b, n), np.int32) for k in keys}
     for key, spec in plan.data.get("media", {}).items():

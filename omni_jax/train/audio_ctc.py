@@ -36,6 +36,7 @@ from omni_jax.train.speech_losses import _require, _with_check, ctc_nll
 
 AUDIO_CODE = MEDIA_CODES["audio"]  # data.template's modality id of audio placeholders
 TRANSCRIPT_KEY = "transcript_mask"
+TRANSCRIPT_LOSSES = ("audio_ctc", "image_bow")  # the losses that read batch[TRANSCRIPT_KEY]
 # cosine classifier: logits = SCALE * cos(audio token, embedding); the blank's = SCALE * BLANK_COS
 SCALE, BLANK_COS = 24.0, 0.5
 

@@ -103,7 +103,8 @@ def next_token_ce(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
                          kernel=outputs.get("lm_head"), chunk_size=chunk_size)
 
 
-def _loss_spec(name: str, spec: float | Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+def loss_spec(name: str, spec: float | Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+    """A stage's loss entry (weight | {"weight": w, **options}) -> (weight, options)."""
     if isinstance(spec, int | float):
         return float(spec), {}
     spec = dict(spec)
@@ -127,7 +128,7 @@ def make_objective(losses: Mapping[str, float | Mapping[str, Any]],
     for name, spec in losses.items():
         if name not in registry:
             raise ValueError(f"unknown loss {name!r}; registered: {sorted(registry)}")
-        weight, options = _loss_spec(name, spec)
+        weight, options = loss_spec(name, spec)
         check = getattr(registry[name], "check_options", None)
         if check is not None:  # bad options fail when the stage is planned
             check(**options)
