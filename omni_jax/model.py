@@ -64,7 +64,7 @@ def tokens_per_item(config: OmniConfig, modality: str) -> int:
         return adapter.num_tokens(*grid)
     if hasattr(adapter, "video_num_tokens"):
         return adapter.video_num_tokens(t.num_frames, *grid)
-    return t.num_frames * adapter.num_tokens(*grid)
+    return t.num_frames * adapter.num_tokens(*grid) // t.frame_pool ** 2
 
 
 def uses_audio_wave(config: OmniConfig) -> bool:
@@ -249,6 +249,11 @@ class OmniModel(nn.Module):
         if hasattr(adapter, "video"):
             return adapter.video(feats.reshape(n, f, *feats.shape[1:]), grid)
         out = adapter(feats, grid)  # [n*F, T, D]
+        k = self.config.video.frame_pool
+        if k > 1:  # [n*F, h, w, D] -> [n*F, h/k * w/k, D], each k x k block averaged
+            h, w = self.config.video.adapter_config.reduced_hw(*grid)
+            out = out.reshape(n * f, h // k, k, w // k, k, out.shape[-1]).mean(axis=(2, 4))
+            out = out.reshape(n * f, -1, out.shape[-1])
         return out.reshape(n, f * out.shape[1], out.shape[-1])
 
     def embed_inputs(self, batch: Mapping[str, Any], features: dict | None = None) -> jax.Array:

@@ -97,9 +97,17 @@ class TowerConfig:
     # uniform sampling rule (data.features.video.sample_indices), or is "pad"ded at the end with
     # blank frames (zero pixels after normalisation), so how many frames it had stays visible
     short_clips: str = "repeat"
+    # video towers: each frame's adapter tokens average-pooled over k x k blocks of its grid
+    # (LLaVA-NeXT-Video's spatial pooling of frames, avg mode); 1 = off. Needs an adapter whose
+    # tokens are a plain grid (an "mlp" projector without newlines) divisible by k
+    frame_pool: int = 1
 
     def __post_init__(self) -> None:
         where = f"{self.modality} tower"
+        if not isinstance(self.frame_pool, int) or self.frame_pool < 1 or (
+                self.frame_pool > 1 and self.modality != "video"):
+            raise ValueError(f"{where}: frame_pool must be an int >= 1 (> 1 on a video tower "
+                             f"only), got {self.frame_pool!r}")
         if self.short_clips not in SHORT_CLIPS or (self.short_clips != "repeat"
                                                    and self.modality != "video"):
             raise ValueError(f"{where}: short_clips must be one of {SHORT_CLIPS} (a video tower "
@@ -160,7 +168,7 @@ class TowerConfig:
         check_keys(f"{modality} tower", d, ("encoder", "encoder_config", "adapter",
                                             "adapter_config", "image_size", "num_frames",
                                             "num_chunks", "max_tiles", "lowres_size",
-                                            "short_clips"))
+                                            "short_clips", "frame_pool"))
         for key in ("encoder", "adapter"):
             if not d.get(key):
                 raise ValueError(f"{modality} tower: '{key}' is required")
@@ -186,7 +194,7 @@ class TowerConfig:
                    None if frames is None else int(frames),
                    None if chunks is None else int(chunks), int(d.get("max_tiles") or 0),
                    None if low is None else tuple(int(x) for x in low),
-                   str(d.get("short_clips") or "repeat"))
+                   str(d.get("short_clips") or "repeat"), d.get("frame_pool", 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +231,8 @@ class OmniConfig:
                     and in_dim != t.audio_dim:
                 raise ValueError(f"audio adapter in_dim={in_dim} must equal the {t.encoder} "
                                  f"encoder's output channels {t.audio_dim}")
+        if self.video is not None and self.video.frame_pool > 1:
+            self._check_frame_pool()
         if self.highway is not None and self.image is None and self.video is None:
             raise ValueError("the visual highway needs an image or video tower")
         if self.speech is not None:
@@ -231,6 +241,18 @@ class OmniConfig:
             # token ids are checked against the tokenizer when data is encoded: a generator
             # table may be smaller than the LLM's padded one (OpenOmni's 0.5B-shaped one is)
             check_width(self.speech, self.llm)
+
+    def _check_frame_pool(self) -> None:
+        t, k = self.video, self.video.frame_pool
+        a = t.adapter_config
+        if not hasattr(a, "reduced_hw") or getattr(a, "newline", "none") != "none":
+            raise ValueError(f"video tower: frame_pool={k} needs an adapter whose tokens are a "
+                             f"plain grid (an 'mlp' projector with newline='none'), got "
+                             f"{t.adapter!r}")
+        h, w = a.reduced_hw(*self.encoder_config("video").grid(*t.image_size))
+        if h % k or w % k:
+            raise ValueError(f"video tower: frame_pool={k} must divide the frame's token grid "
+                             f"{h}x{w}")
 
     def encoder_config(self, modality: str) -> Any:
         t = getattr(self, modality)
