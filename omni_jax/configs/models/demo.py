@@ -4,7 +4,8 @@ phrases, trainable from scratch on 2 CPU cores in minutes.
 
 Images: the digits' PNGs resized to 16x16, patch 4 -> 16 tokens per image (one patch = 2x2
 original pixels); videos: 5 frames of the same tower (3-4 frame clips repeat frames, see
-data.features.video.sample_indices) -> 80 tokens; audio: 3 s clips (300 mel frames, Whisper
+data.features.video.sample_indices) -> 80 tokens (the demo recipe pads short clips and pools
+each frame to 2 x 2 tokens: 20); audio: 3 s clips (300 mel frames, Whisper
 halves them) stacked 5 to 1 -> 30 tokens. `get_config(flavor)` as every model config (the
 demo uses "mlp").
 """

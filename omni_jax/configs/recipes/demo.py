@@ -50,9 +50,9 @@ SELF_ASR = "speech_self_asr"  # the CLI's self-listening manifest (module doc)
 SPEECH_LENGTHS = {"text_len": 12, "units_len": 64}
 # steps per stage (full data) and per-stage sequence lengths (prompt + answer, no packing):
 # the longest record of each stage's mixture with the demo tokenizer (cli.demo) is 50 / 68 /
-# 136 / 53 tokens, media expanded
+# 76 / 53 tokens, media expanded (a video: 5 frames x 4 tokens, FRAME_POOL)
 STEPS = {"image_tower": 300, "image_text": 450, "audio_tower": 600, "speech": 450,
-         "video": 300, "speech_gen": 400, "speech_dpo": 80}
+         "video": 450, "speech_gen": 400, "speech_dpo": 80}
 # CTC frames per answer token (OpenOmni: 12). A one-word answer ("two", one demo token) needs
 # 15-19 frames (its units + adjacent repeats; omni_digits 1.3.0 train split, median / max),
 # sentences 5-9 per token: at 12, 96% of short answers were infeasible (zeroed in training,
@@ -63,7 +63,7 @@ STEPS = {"image_tower": 300, "image_text": 450, "audio_tower": 600, "speech": 45
 # only) gave them identical outputs and could say at most one unit (SpeechGenConfig.
 # segment_positions; tests/speech/test_learning.py: held-out UER 57.1% -> 0.6%)
 UPSAMPLE = 24
-SEQ = {"image_text": 56, "speech": 72, "video": 144, "speech_out": 56}
+SEQ = {"image_text": 56, "speech": 72, "video": 80, "speech_out": 56}
 # Measured on 2 cores (image_text alone, first 200 test records): image QA after 32 x 300
 # steps 38.5%, 32 x 600 67%, 16 x 1200 32.5%, 128 x 150 52.5%, 64 x 300 72.5%, 64 x 700
 # 90.5%: from scratch, the LLM learns to read the image tokens only with large batches. The
@@ -113,6 +113,18 @@ DPO_CTC = 3.0
 # a 3-4 frame clip: its frames once, then blank ones. Repeated frames (3 -> 0 0 1 1 2) make the
 # count and order questions unanswerable
 SHORT_CLIPS = "pad"
+# each frame's 4 x 4 image tokens averaged over 2 x 2 blocks: a clip is 5 x 4 tokens, not 5 x 16
+# (TowerConfig.frame_pool). From one speech checkpoint (omni_digits 1.4.0 data, test split),
+# the video stage's video QA / spoken video QA / image QA and its time: unpooled, 300 steps,
+# 720 train video_qa records: 46.7 / 31.1 / 95.5, 154 s; 1 token per frame (4 x 4 blocks): 46.7
+# / 42.2 / 96.1, 97 s; then 5,756 records (1.5.0's generator at 4 per image): 48.9 / 47.8 /
+# 96.4; 2 x 2 blocks: 56.7 / 40.0 / 96.4, 112 s; 500 steps: 67.8 / 51.1 / 97.8, 175 s; 2,878
+# records (2 per image, as 1.5.0), 450 steps: 66.7 / 60.0 / 97.5, 137 s (ASR 4.4, spoken image
+# QA 92.7). By question (that last run): count 100, first 93, last 86, order 69, sum 5: the
+# sums are what the from-scratch LLM cannot do (it answers the most common sum); with the
+# addends in the answer ("three plus four plus eight is fifteen") it reads them (order 75) but
+# still does not add (sum 9)
+FRAME_POOL = 2
 # audio_ctc's static caps per row: audio tokens (one 3 s clip: 30) and transcript tokens
 AUDIO_CTC = {"max_frames": 32, "max_labels": 16}
 
@@ -131,6 +143,7 @@ def _model(units: int) -> ml_collections.ConfigDict:
                                  text_vocab=int(llm.vocab_size), unit_vocab=units,
                                  upsample=UPSAMPLE, segment_positions=True).to_dict()
     model.video.short_clips = SHORT_CLIPS
+    model.video.frame_pool = FRAME_POOL
     return model
 
 

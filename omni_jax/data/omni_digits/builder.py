@@ -71,7 +71,7 @@ def _features() -> tfds.features.FeaturesDict:
 class OmniDigits(tfds.core.GeneratorBasedBuilder):
     """Omni-modal digits: captions, QA, ASR, spoken QA, video QA, speech answers, DPO pairs."""
 
-    VERSION = tfds.core.Version("1.4.0")
+    VERSION = tfds.core.Version("1.5.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "Image-out tasks (text_to_image, image_to_image, "
                               "video_next_frame) with target_image / target_index.",
@@ -79,7 +79,9 @@ class OmniDigits(tfds.core.GeneratorBasedBuilder):
                               "and speed per clip.",
                      "1.3.0": "speech_response: half the answers are the short answer "
                               "(as image_qa) instead of the sentence.",
-                     "1.4.0": "speech_dpo: half the pairs say the short answer too."}
+                     "1.4.0": "speech_dpo: half the pairs say the short answer too.",
+                     "1.5.0": "video_qa: 2 records per image (was 0.5); the first 1.4.0 ones "
+                              "unchanged."}
     BUILDER_CONFIGS = list(CONFIGS)
 
     def _info(self) -> tfds.core.DatasetInfo:

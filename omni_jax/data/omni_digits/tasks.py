@@ -56,7 +56,7 @@ TASKS = {
 IMAGE_OUT = ("text_to_image", "image_to_image", "video_next_frame")
 # records per task = ceil(ratio * images in the split) (capped by the config's max_per_task)
 RATIOS = {"image_caption": 1.0, "image_qa": 2.0, "speech_asr": 1.0, "spoken_image_qa": 1.0,
-          "video_qa": 0.5, "video_spoken_qa": 0.5, "text_chat": 0.5, "speech_response": 1.0,
+          "video_qa": 2.0, "video_spoken_qa": 0.5, "text_chat": 0.5, "speech_response": 1.0,
           "speech_dpo": 0.5, "text_to_image": 1.0, "image_to_image": 1.0,
           "video_next_frame": 0.5}
 FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
