@@ -18,6 +18,7 @@ import pytest
 
 from omni_jax.eval import metrics as M
 from omni_jax.eval import runner
+from omni_jax.eval import style as S
 from omni_jax.eval import tasks as T
 from omni_jax.recipes import load_run_config
 
@@ -185,7 +186,7 @@ def test_metrics_follow_the_answers(trained, monkeypatch):
     rule = M.StyleRule(**style["rule"])
     assert style["value"] == np.mean([v is not None and rule.is_expressive(v)
                                       for v in style["values"]])
-    monkeypatch.setattr(T, "eval_style", lambda *a: {})  # no speech generation below
+    monkeypatch.setattr(S, "eval_style", lambda *a: {})  # no speech generation below
     monkeypatch.setattr(runner.Evaluator, "answers",
                         lambda self, prepared: ["zzz"] * len(prepared))
     monkeypatch.setattr(runner.Evaluator, "dpo_logliks",

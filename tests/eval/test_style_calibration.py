@@ -1,9 +1,10 @@
-"""eval.tasks.calibrate_cues: the style rules calibrated on vocoded reference pairs, voiced and
+"""eval.style.calibrate_cues: the style rules calibrated on vocoded reference pairs, voiced and
 measured once per process for a vocoder with a fingerprint (the demo evaluates two stages on
 the same references), every time without one."""
 
 import numpy as np
 
+from omni_jax.eval import style as S
 from omni_jax.eval import tasks as T
 
 RATE = 16000
@@ -41,24 +42,24 @@ def _items(n, offset=0):
 
 
 def test_calibration_is_cached_per_vocoder_fingerprint_and_references():
-    T._CALIBRATED.clear()
+    S._CALIBRATED.clear()
     voc = _Vocoder("abc")
-    cues, rules = T.calibrate_cues(_Ev(voc), _items(4))
+    cues, rules = S.calibrate_cues(_Ev(voc), _items(4))
     assert voc.calls == 8  # 4 pairs, both sides
     pitch = cues["pitch"]
     assert pitch["reference_accuracy"] == 1.0 and rules["pitch"].is_expressive(220.0)
     assert not rules["pitch"].is_expressive(120.0)
-    again = T.calibrate_cues(_Ev(voc), _items(4))
+    again = S.calibrate_cues(_Ev(voc), _items(4))
     assert voc.calls == 8 and again == (cues, rules)  # nothing voiced or measured again
-    T.calibrate_cues(_Ev(voc), _items(4, offset=1))  # other references: calibrated anew
+    S.calibrate_cues(_Ev(voc), _items(4, offset=1))  # other references: calibrated anew
     assert voc.calls == 16
-    T.calibrate_cues(_Ev(_Vocoder("other")), _items(4))  # another vocoder: anew
+    S.calibrate_cues(_Ev(_Vocoder("other")), _items(4))  # another vocoder: anew
     plain = _Vocoder()  # no fingerprint: never cached
     for _ in range(2):
-        assert T.calibrate_cues(_Ev(plain), _items(4))[0]["pitch"] == pitch
+        assert S.calibrate_cues(_Ev(plain), _items(4))[0]["pitch"] == pitch
     assert plain.calls == 16
-    assert len(T._CALIBRATED) == 3
-    for i in range(T.CACHED_CALIBRATIONS + 2):  # bounded
-        T.calibrate_cues(_Ev(_Vocoder(f"v{i}")), _items(1))
-    assert len(T._CALIBRATED) == T.CACHED_CALIBRATIONS
-    T._CALIBRATED.clear()
+    assert len(S._CALIBRATED) == 3
+    for i in range(S.CACHED_CALIBRATIONS + 2):  # bounded
+        S.calibrate_cues(_Ev(_Vocoder(f"v{i}")), _items(1))
+    assert len(S._CALIBRATED) == S.CACHED_CALIBRATIONS
+    S._CALIBRATED.clear()
