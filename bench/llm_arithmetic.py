@@ -9,16 +9,16 @@ run's sentencepiece tokenizer), exact match of the sum (teacher-forced argmax) o
 problems: every ordered tuple of 3-5 digits whose index mod 10 is 0 is never trained on.
 
     .venv/bin/python bench/llm_arithmetic.py --tokenizer runs/demo/data/spm.model \\
-        [--steps 1200] [--batch 64] [--out bench/results/llm_arithmetic.json]
+        [--steps 1200] [--batch 64]        # -> bench/results/llm_arithmetic.json
 
-Measured (CPU, 2 cores, 2026-12-07, the tokenizer of a full demo run): see the JSON it writes.
+Measured (2 cores, 2026-12-07, a full demo run's tokenizer; bench/README.md): 95.2% held out after
+64 x 1,200 steps (257 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -30,6 +30,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import machine_info, write_json  # noqa: E402
 from omni_jax.configs.models.demo import LLM  # noqa: E402
 from omni_jax.data.omni_digits.tasks import DIGIT_WORDS, number_words  # noqa: E402
 from omni_jax.llm.config import LLMConfig  # noqa: E402
@@ -61,7 +62,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--evals", type=int, default=4, help="evaluations over the run")
-    ap.add_argument("--out", default="bench/results/llm_arithmetic.json")
     a = ap.parse_args(argv)
     if not os.path.isfile(a.tokenizer):
         raise ValueError(f"--tokenizer {a.tokenizer!r} is not a file; expected a demo run's "
@@ -113,11 +113,8 @@ def main(argv: list[str]) -> int:
             print(curve[-1], flush=True)
     out = {"bench": "llm_arithmetic", "llm": dict(LLM), "tokenizer": a.tokenizer,
            "steps": a.steps, "batch": a.batch, "lr": a.lr, "train_problems": int(len(train)),
-           "held_out_problems": int(len(test)), "curve": curve, "device": str(jax.devices()[0])}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {a.out}")
+           "held_out_problems": int(len(test)), "curve": curve, "machine": machine_info()}
+    print(f"wrote {write_json('llm_arithmetic', out)}")
     return 0
 
 
