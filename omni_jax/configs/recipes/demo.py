@@ -75,19 +75,19 @@ SEQ = {"image_text": 56, "speech": 72, "video": 80, "speech_out": 56}
 BATCH = {"image_tower": 128, "image_text": 64, "audio_tower": 64, "speech": 64, "video": 32,
          "speech_gen": 32, "speech_dpo": 32}
 LR = 2e-3
-# the video stage at 2e-3 with image QA at 8% of its mixture took image QA 88.0% -> 75.7%;
-# at 1e-3 with image QA at 19%: 89% on the first 200 test questions (video QA unchanged, 10%).
-# With the frozen pretrained image tower and padded short clips (image QA 97.8% after
-# image_text), from one speech checkpoint, the video stage's image QA / video QA / ASR WER /
-# spoken image QA on the test split: 1e-3 95.5 / 46.7 / 4.2 / 92.7, 2e-3 95.8 / 51.1 / 7.5 /
-# 89.4. Then, each from its own speech stage, speech replaying image QA at 2.0 (was 1.0):
-# 96.4 / 50.0 / 5.1 / 92.2; + video replaying ASR at 1.25 (was 0.75): 95.3 / 50.0 / 3.6 /
-# 94.4; + the image projector frozen after image_text too (as the tower): 95.8 / 46.7 / 3.3 /
-# 93.3. Single runs: ~1-2 points apart is noise (358 / 90 / 179 questions). The full demo
-# with that last variant (commit bc4e8ea) met no-forgetting (97.8 -> 95.8) but its listener
-# turned the vocoded "no" into "No, nine is odd." (also from the reference units: 21 of 179
-# test answers; this recipe's listener: "No,"), and the round trip rose to 84.9 / 54.2% WER
-# after speech_gen / DPO (this recipe: 31.8 / 8.9%), so the recipe keeps the plain variant
+# the video stage at 2e-3 with image QA at 8% of its mixture took image QA 88.0% -> 75.7%; at 1e-3
+# with image QA at 19%: 89% on the first 200 test questions (video QA unchanged, 10%). With the
+# frozen pretrained image tower and padded short clips (image QA 97.8% after image_text; unpooled
+# frames, 300 steps, omni_digits 1.4.0), from one speech checkpoint, the video stage's image QA /
+# video QA / ASR WER / spoken image QA on the test split: 1e-3 95.5 / 46.7 / 4.2 / 92.7, 2e-3 95.8 /
+# 51.1 / 7.5 / 89.4. Then, each from its own speech stage, speech replaying image QA at 2.0 (was
+# 1.0): 96.4 / 50.0 / 5.1 / 92.2; + video replaying ASR at 1.25 (was 0.75): 95.3 / 50.0 / 3.6 /
+# 94.4; + the image projector frozen after image_text too (as the tower): 95.8 / 46.7 / 3.3 / 93.3.
+# Single runs: ~1-2 points apart is noise (358 / 90 / 179 questions). The full demo with that last
+# variant (commit bc4e8ea) met no-forgetting (97.8 -> 95.8) but its listener turned the vocoded "no"
+# into "No, nine is odd." (also from the reference units: 21 of 179 test answers; this recipe's
+# listener: "No,"), and the round trip rose to 84.9 / 54.2% WER after speech_gen / DPO (this recipe:
+# 31.8 / 8.9%), so the recipe keeps the plain variant
 VIDEO_LR = 1e-3
 # audio_tower (omni_digits 1.1.0, 8 train voices; greedy CTC decode of the tower on the test
 # split): dot-product logits, 600 steps: 63% WER (1500: 69%, train 7%), and the tokens' norm
