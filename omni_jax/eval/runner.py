@@ -125,7 +125,7 @@ class Evaluator:
             raise T.Skip(f"prompt of {batch['input_ids'].shape[1]} tokens + {self.max_new_tokens}"
                          f" new exceeds max_position_embeddings "
                          f"{self.omni.llm.max_position_embeddings}")
-        return T.Prepared(item, T._text(rec["messages"][-1]["content"]) or "", batch)
+        return T.Prepared(item, T.reference_text(rec), batch)
 
     def _batches(self, items: Sequence[Any]) -> Any:
         """Chunks of batch_size, each padded (last row repeated) to a power-of-two rows."""

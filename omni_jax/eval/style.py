@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from omni_jax.eval import metrics as M
-from omni_jax.eval.tasks import Item, _prepare_all, _text
+from omni_jax.eval.tasks import Item, _prepare_all, reference_text
 
 CALIBRATION = 32  # reference pairs (the first ones) that calibrate the style rules
 
@@ -36,7 +36,7 @@ def calibrate_cues(ev: Any, refs: Sequence[Item]) -> tuple[dict[str, dict], dict
     `fingerprint` (the same references of a manifest are voiced and measured once, not once
     per evaluated stage)."""
     rate = ev.sample_rate
-    texts = [_text(it.record["messages"][-1]["content"]) or "" for it in refs]
+    texts = [reference_text(it.record) for it in refs]
     fingerprint = getattr(ev.vocoder, "fingerprint", None)
     key = None if fingerprint is None else (fingerprint, rate, tuple(
         (tuple(it.record["speech_units"]), tuple(it.record["speech_units_rejected"]), t)

@@ -203,6 +203,11 @@ def _answers(prepared: Sequence[Prepared], predictions: Sequence[str],
             for p, a, r in zip(prepared, predictions, refs)]
 
 
+def reference_text(record: Mapping[str, Any]) -> str:
+    """A record's reference answer: the last (assistant) turn's text ("" if it has none)."""
+    return _text(record["messages"][-1]["content"]) or ""
+
+
 def question_text(record: Mapping[str, Any]) -> str:
     """A QA record's question: `question_text` (spoken questions) or the last user turn's text."""
     if record.get("question_text"):

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from omni_jax.eval.tasks import read_items, reference_text
+
 
 def tower_run(config: Any, train_dir: str, stage: str, manifest: str,
                max_records: int | None, keep: Callable[[Any], bool],
@@ -28,7 +30,6 @@ def tower_run(config: Any, train_dir: str, stage: str, manifest: str,
     import jax.numpy as jnp
 
     from omni_jax.data import packing
-    from omni_jax.eval.tasks import read_items
     from omni_jax.recipes import final_params, make_encoder, make_plan, model_of
     from omni_jax.train.losses import loss_spec
 
@@ -66,12 +67,6 @@ def tower_run(config: Any, train_dir: str, stage: str, manifest: str,
     return kept, outs, encoder, skipped
 
 
-def _answer(item: Any) -> str:
-    from omni_jax.eval.tasks import _text
-
-    return _text(item.record["messages"][-1]["content"]) or ""
-
-
 def tower_asr(config: Any, train_dir: str, stage: str, manifest: str,
               max_records: int | None, batch_size: int = 32) -> dict[str, Any]:
     """The audio tower alone on held-out ASR clips: its audio tokens decoded greedily by the
@@ -90,7 +85,7 @@ def tower_asr(config: Any, train_dir: str, stage: str, manifest: str,
                                                lambda it: True, fn, batch_size)
     hyps = [encoder.template.tokenizer.decode(actc.greedy_decode(lp[None], m[None])[0])
             for lp, m in outs]
-    refs = [_answer(it) for it in items]
+    refs = [reference_text(it.record) for it in items]
     wer = word_error_rate(refs, hyps)
     return {"value": wer["wer"], **wer, "skipped": skipped,
             "answers": [{"reference": r, "prediction": h} for r, h in zip(refs, hyps)]}
@@ -115,10 +110,10 @@ def tower_image(config: Any, train_dir: str, stage: str, manifest: str,
     words = list(DIGIT_WORDS)
     items, outs, encoder, skipped = tower_run(
         config, train_dir, stage, manifest, max_records,
-        lambda it: _answer(it).strip().lower() in words, fn, batch_size)
+        lambda it: reference_text(it.record).strip().lower() in words, fn, batch_size)
     ids = [encoder.template.tokenizer.encode(" " + w) for w in words]  # as inside a caption
     preds = [words[int(np.argmax([np.mean(lp[t]) for t in ids]))] for lp in outs]
-    refs = [_answer(it).strip().lower() for it in items]
+    refs = [reference_text(it.record).strip().lower() for it in items]
     correct = sum(p == r for p, r in zip(preds, refs))
     chance = max(refs.count(w) for w in words) / len(refs) if refs else None
     acc = correct / len(refs) if refs else None
