@@ -36,7 +36,8 @@ _define("multi_string", "data", [], "JSONL manifest or directory of manifests (r
 _define("integer", "max_records", None, "evaluate at most this many records per task")
 _define("string", "out", None, "report JSON path (default: WORKDIR/eval/<stage>.json)")
 _define("integer", "max_new_tokens", DEFAULT_MAX_NEW_TOKENS,
-        "most answer tokens to generate (greedy)")
+        "answer tokens to generate (greedy) at least; more where a reference is longer "
+        "(its length + eval.runner.REFERENCE_SLACK)")
 _define("integer", "batch_size", 8, "prompts per generation batch")
 _define("string", "units_dir", None, "vocoder directory for speech-out metrics (default: "
         "config.speech_units.dir, else a units/ dir next to the manifests)")

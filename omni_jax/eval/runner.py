@@ -31,6 +31,9 @@ from omni_jax.omni_config import MODALITIES, OmniConfig
 
 SILENCE = 1e-4  # peak |sample| below which an audio clip counts as silent
 SPEECH_PARAMS = ("speech", "speech_ref")
+# new tokens beyond a reference's own length: greedy answers are never cut shorter than the
+# answer they are scored against (max_new_tokens is the floor)
+REFERENCE_SLACK = 4
 PAD_TO = 32  # prompt widths are rounded up to a multiple of this (fewer compiled shapes)
 
 
@@ -120,12 +123,18 @@ class Evaluator:
                                        media=media)
         except ValueError as e:
             raise T.Skip(f"cannot build the prompt: {e}") from e
-        need = _round_up(batch["input_ids"].shape[1]) + self.max_new_tokens + 4
+        reference = T.reference_text(rec)
+        new = self.budget(reference)
+        need = _round_up(batch["input_ids"].shape[1]) + new + 4
         if need > self.omni.llm.max_position_embeddings:
-            raise T.Skip(f"prompt of {batch['input_ids'].shape[1]} tokens + {self.max_new_tokens}"
-                         f" new exceeds max_position_embeddings "
-                         f"{self.omni.llm.max_position_embeddings}")
-        return T.Prepared(item, T.reference_text(rec), batch)
+            raise T.Skip(f"prompt of {batch['input_ids'].shape[1]} tokens + {new} new exceeds "
+                         f"max_position_embeddings {self.omni.llm.max_position_embeddings}")
+        return T.Prepared(item, reference, batch)
+
+    def budget(self, reference: str) -> int:
+        """New tokens to generate for an answer to this reference: max_new_tokens, or the
+        reference's length + REFERENCE_SLACK where longer (a worked answer is not cut)."""
+        return max(self.max_new_tokens, len(self.tok.encode(reference)) + REFERENCE_SLACK)
 
     def _batches(self, items: Sequence[Any]) -> Any:
         """Chunks of batch_size, each padded (last row repeated) to a power-of-two rows."""
@@ -142,8 +151,9 @@ class Evaluator:
         for chunk, rows in self._batches(prepared):
             batch = collate_prompts([p.batch for p in rows], self.tok.pad_id)
             batch = _left_pad(batch, _round_up(batch["input_ids"].shape[1]), self.tok.pad_id)
+            new = max(self.budget(p.reference) for p in chunk)
             ids = np.asarray(generate_omni(
-                self.lm.module, self.variables, batch, max_new_tokens=self.max_new_tokens,
+                self.lm.module, self.variables, batch, max_new_tokens=new,
                 eos_id=self.stops, pad_id=self.tok.pad_id, vocab_limit=self.tok.vocab_size))
             for row in ids[:len(chunk)]:
                 end = np.isin(row, self.stops)

@@ -244,3 +244,28 @@ def test_train_cli_hook_writes_the_stage_report(trained, tmp_path):
     saved = json.loads((copy / "eval" / f"{STAGE}.json").read_text())
     assert saved["metrics"]["image_qa_accuracy"]["count"] == 2 == report["records"]["evaluated"]
     assert "image_qa_accuracy" in "\n".join(lines)
+
+
+def test_answers_are_not_cut_shorter_than_their_reference(trained, monkeypatch, tmp_path):
+    """The generation budget is max_new_tokens, or a reference's length + REFERENCE_SLACK
+    where that is longer (a worked answer, e.g. omni_digits' running sums)."""
+    import omni_jax.infer.omni as infer
+
+    _, workdir, ev, data = trained
+    config = load_run_config(workdir)
+    budgets = []
+
+    def generate(module, variables, batch, *, max_new_tokens, eos_id, **kw):
+        budgets.append(max_new_tokens)  # every row stops at once (empty answers)
+        return np.full((batch["input_ids"].shape[0], max_new_tokens), eos_id[0], np.int32)
+
+    monkeypatch.setattr(infer, "generate_omni", generate)
+    long = "seven plus eight is fifteen, " * 10  # 50 words: at least 50 tokens
+    short, worked = ({**r, "task": "image_qa"} for r in data["qa"][:2])
+    worked["messages"] = [worked["messages"][0], {"role": "assistant", "content": long}]
+    for recs, want in (([short], lambda n: n == 16), ([short, worked], lambda n: n >= 54)):
+        budgets.clear()
+        path = _write(tmp_path / "qa.jsonl", recs)
+        report = runner.evaluate_stage(config, workdir, None, [path], max_new_tokens=16)
+        assert report["metrics"]["image_qa_accuracy"]["count"] == len(recs), report["skipped"]
+        assert len(budgets) == 1 and want(budgets[0]), budgets
