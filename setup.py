@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2",  # flags for the train CLI (ml_collections config_flags)
     "etils[epath]>=1.7",  # omni_jax.utils.fs: one path layer for local and gs:// paths
     "tokenizers>=0.22",  # tokenizer kind "hf" (a Hugging Face tokenizer.json)
+    "threadpoolctl>=3",  # single-threaded BLAS while vocoding (speech.vocode_pool)
 ]
 
 # Accelerators the launch scripts target; the same jax bounds as above.

@@ -58,6 +58,17 @@ def _left_pad(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[
     return out
 
 
+class _Unvoiced:
+    """The vocoder's rates and vocabulary for SpeechOut, no synthesis (empty audio)."""
+
+    def __init__(self, vocoder: Any) -> None:
+        self.sample_rate = vocoder.sample_rate
+        self.vocab_size = getattr(vocoder, "vocab_size", None)
+
+    def __call__(self, units: np.ndarray) -> np.ndarray:
+        return np.zeros((0,), np.float32)
+
+
 class Evaluator:
     """A stage's model, params, tokenizer and encoders: prompts, batched greedy answers, speech
     out and DPO log-likelihoods for the evaluators of eval.tasks."""
@@ -179,27 +190,33 @@ class Evaluator:
     def sample_rate(self) -> int:
         return int(self.vocoder.sample_rate)
 
-    def vocode(self, units: Sequence[int]) -> np.ndarray:
-        u = np.asarray(units, np.int32)
-        return np.zeros((0,), np.float32) if u.size == 0 else np.asarray(self.vocoder(u),
-                                                                       np.float32)
+    def vocode_many(self, units: Sequence[Any]) -> list[np.ndarray]:
+        """Unit sequences -> wavs (empty units: empty audio), on every core (vocode_pool)."""
+        from omni_jax.speech.vocode_pool import vocode_many
 
-    def speak(self, prepared: T.Prepared, answer: str) -> tuple[np.ndarray, np.ndarray]:
-        """The generator's units for `answer` (its tokens fed after the prompt, framed as in
-        training) and the vocoded wav; empty for an empty answer."""
+        return vocode_many(self.vocoder, units)
+
+    def speak_many(self, prepared: Sequence[T.Prepared], answers: Sequence[str]
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per answer: the generator's units (its tokens fed after the prompt, framed as in
+        training; none for an empty answer) and their wav, voiced together (vocode_many)."""
+        units = [self._units(p, a) for p, a in zip(prepared, answers, strict=True)]
+        return list(zip(units, self.vocode_many(units)))
+
+    def _units(self, prepared: T.Prepared, answer: str) -> np.ndarray:
         from omni_jax.infer.speech import SpeechOut, speak_sentences
 
         ids = self.tok.encode(answer) if answer.strip() else []
         if not ids:
-            return np.zeros((0,), np.int32), np.zeros((0,), np.float32)
-        if self._speech_out is None:
+            return np.zeros((0,), np.int32)
+        if self._speech_out is None:  # units only: speak_many voices them afterwards
             self._speech_out = SpeechOut.from_template(self.omni.speech, self.params["speech"],
-                                                       self.vocoder, self.template)
+                                                       _Unvoiced(self.vocoder), self.template)
         batch = _left_pad(prepared.batch, _round_up(prepared.batch["input_ids"].shape[1]),
                           self.tok.pad_id)
         (chunk,) = speak_sentences(self.lm.module, self.variables, batch, self._speech_out,
                                    [ids])
-        return np.asarray(chunk.units), np.asarray(chunk.wav, np.float32)
+        return np.asarray(chunk.units, np.int32)
 
     # ---- DPO ------------------------------------------------------------------------------
     def dpo_example(self, item: T.Item) -> dict[str, np.ndarray]:

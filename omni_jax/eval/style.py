@@ -43,7 +43,7 @@ def calibrate_cues(ev: Any, refs: Sequence[Item]) -> tuple[dict[str, dict], dict
         for it, t in zip(refs, texts)))
     if key is not None and key in _CALIBRATED:
         return _CALIBRATED[key]
-    wavs = {side: [ev.vocode(it.record[k]) for it in refs] for side, k in
+    wavs = {side: ev.vocode_many([it.record[k] for it in refs]) for side, k in
             (("neutral", "speech_units_rejected"), ("expressive", "speech_units"))}
     cues: dict[str, dict[str, Any]] = {}
     rules: dict[str, M.StyleRule] = {}
@@ -81,7 +81,8 @@ def eval_style(ev: Any, task: str, items: Sequence[Item], skipped: list[dict[str
     rule = rules[cue]
     prepared = _prepare_all(ev, items, [])  # (their media decoded fine for the DPO pairs)
     answers = ev.answers(prepared) if prepared else []
-    values = [_cue_value(cue, ev.speak(p, a)[1], rate, a) for p, a in zip(prepared, answers)]
+    spoken = ev.speak_many(prepared, answers)
+    values = [_cue_value(cue, wav, rate, a) for (_, wav), a in zip(spoken, answers)]
     hits = sum(rule.is_expressive(v) for v in values)
     return {"task": task, "value": hits / len(values) if values else None,
             "correct": int(hits), "count": len(values), "cue": cue, "rule": cues[cue]["rule"],

@@ -278,8 +278,8 @@ def eval_roundtrip(ev: Any, task: str, items: Sequence[Item], skipped: list[dict
         return {}
     answers = ev.answers(prepared)
     transcripts, asr, where, silent = [""] * len(prepared), [], [], 0
-    for k, (p, answer) in enumerate(zip(prepared, answers)):
-        _, wav = ev.speak(p, answer)
+    spoken = ev.speak_many(prepared, answers)
+    for k, (p, answer, (_, wav)) in enumerate(zip(prepared, answers, spoken)):
         heard = None
         if wav.size:  # empty or silent speech: a model failure, scored as an empty transcript
             record = {"id": p.item.id, "audios": [_wav_bytes(wav, ev.sample_rate)],

@@ -30,8 +30,8 @@ class _Ev:
     def __init__(self, vocoder):
         self.vocoder, self.sample_rate = vocoder, RATE
 
-    def vocode(self, units):
-        return self.vocoder(np.asarray(units))
+    def vocode_many(self, units):
+        return [self.vocoder(np.asarray(u)) for u in units]
 
 
 def _items(n, offset=0):

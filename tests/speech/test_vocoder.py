@@ -147,3 +147,53 @@ def test_bad_input(setup, tmp_path):
     (tmp_path / "vocoder.json").write_text(json.dumps({**meta, "format": "other"}))
     with pytest.raises(ValueError, match="format 'other' is not"):
         MelTableVocoder.load(tmp_path)
+
+
+def test_vocode_many_in_processes_equals_one_by_one(setup, monkeypatch):
+    """vocode_many over 2 spawned workers: every clip bit-identical to the vocoder's own call
+    (single-threaded BLAS), in order, empty units -> empty audio; too few clips are voiced in
+    this process, to the same bits."""
+    from threadpoolctl import threadpool_limits
+
+    from omni_jax.speech import vocode_pool as P
+
+    tok, voc, speech = setup
+    units = [tok.encode(w, SR) for w in speech.values()]
+    rng = np.random.default_rng(0)
+    clips = [u[rng.integers(0, len(u) // 2):][:rng.integers(5, 40)] for u in units * 5]
+    clips[3] = clips[3][:0]
+    assert len(clips) >= 2 * P.MIN_PER_WORKER
+    monkeypatch.setattr(P, "spawn_safe", lambda: True)  # whatever started pytest
+    wavs = P.vocode_many(voc, clips, workers=2)
+    assert P._POOL["executor"] is not None  # it ran in the pool
+    assert len(wavs) == len(clips) and wavs[3].size == 0 and wavs[3].dtype == np.float32
+    with threadpool_limits(1):
+        for u, w in zip(clips, wavs):
+            if u.size:
+                np.testing.assert_array_equal(w, voc(u))
+    P._shutdown()
+    few = P.vocode_many(voc, clips[:P.MIN_PER_WORKER], workers=2)  # below 2 x MIN: here
+    assert P._POOL["executor"] is None and all(
+        np.array_equal(a, b) for a, b in zip(few, wavs[:P.MIN_PER_WORKER]))
+    with pytest.raises(ValueError, match="workers"):
+        P.vocode_many(voc, clips, workers=0)
+
+
+def test_workers_spawn_only_where_the_main_module_is_safe_to_import(monkeypatch):
+    import sys
+    import types
+
+    from omni_jax.speech import vocode_pool as P
+
+    def main(file=None, spec=None):
+        m = types.ModuleType("__main__")
+        if file:
+            m.__file__ = file
+        m.__spec__ = None if spec is None else types.SimpleNamespace(name=spec)
+        monkeypatch.setitem(sys.modules, "__main__", m)
+        return P.spawn_safe()
+
+    assert main("/x/omni_jax/cli/demo.py", "omni_jax.cli.demo")  # python -m ...
+    assert main()  # interactive
+    assert not main("/home/u/script.py")  # a script: perhaps unguarded
+    assert not main("<stdin>")
