@@ -120,25 +120,23 @@ def write_self_asr(train_dir: str, units_dir: str, name: str) -> str:
         return path
     vocoder = MelTableVocoder.load(units_dir)
     os.makedirs(os.path.join(train_dir, "audio_self"), exist_ok=True)
-    out, voiced = [], {}  # one wav per distinct rendering (answers repeat), voiced together
+    out, voiced = [], {}  # units -> their wav: one per distinct rendering (answers repeat)
     lines = []
     for task in ("speech_response", "speech_dpo"):
         with open(os.path.join(train_dir, f"{task}.jsonl")) as f:
             lines += [(task, line) for line in f]
-    todo = {}  # units -> first record id with them
     for task, line in lines:
         rec = json.loads(line)
         rid = rec["id"].replace(task, name)
         key = tuple(rec["speech_units"])
         if key not in voiced:
             voiced[key] = os.path.join("audio_self", f"{rid}.wav")
-            todo[key] = voiced[key]
         wav = voiced[key]
         out.append({"id": rid, "task": "speech_asr", "audios": [wav], "messages": [
             {"role": "user", "content": [{"type": "audio"},
                                          {"type": "text", "text": SELF_ASR_PROMPT}]},
             {"role": "assistant", "content": rec["messages"][-1]["content"]}]})
-    for wav, rel in zip(vocode_many(vocoder, list(todo)), todo.values(), strict=True):
+    for wav, rel in zip(vocode_many(vocoder, list(voiced)), voiced.values(), strict=True):
         sf.write(os.path.join(train_dir, rel), wav, vocoder.sample_rate, subtype="PCM_16")
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in out)
