@@ -35,6 +35,7 @@ from omni_jax.model import OmniModel
 from omni_jax.speech.config import SpeechGenConfig
 from omni_jax.speech.decode import ar_sample, ctc_greedy
 from omni_jax.speech.generator import SpeechGenerator, check_speech_batch
+from omni_jax.speech.vocode_pool import voice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +111,6 @@ class SpeechOut:
                              "<|im_end|>")
         return cls(config, params, vocoder, header_len=header_len, footer_ids=footer, **kw)
 
-    def _wav(self, units: np.ndarray) -> np.ndarray:
-        if units.size == 0:  # the vocoder rejects empty input: no units, no audio
-            return np.zeros((0,), np.float32)
-        return np.asarray(self.vocoder(units), np.float32)
 
     def speak(self, hidden: Any, row_mask: Any, text_ids: Any, text_mask: Any = None, *,
               rng: Any = None) -> tuple[Any, Any]:
@@ -144,7 +141,7 @@ class SpeechOut:
                                         text_mask, rng=jax.random.key(0) if rng is None else rng,
                                         max_units=self.config.upsample * text_ids.shape[1])
             units = [padded[b, :lengths[b]] for b in range(len(lengths))]
-        wavs = [self._wav(u) for u in units]
+        wavs = [voice(self.vocoder, u) for u in units]
         return (units[0], wavs[0]) if single else (units, wavs)
 
     def speak_rows(self, rows: Sequence[np.ndarray], texts: Sequence[Sequence[int]], *,

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-__all__ = ["default_workers", "vocode_many"]
+__all__ = ["default_workers", "spawn_safe", "vocode_many", "voice"]
 
 # fewer clips than this per worker are voiced here: a pool's start-up (a process importing
 # librosa) costs about as much as ~20 clips
@@ -63,11 +63,12 @@ def _install(vocoder: Any) -> None:
 
 
 def _voice(units: np.ndarray) -> np.ndarray:
-    return _wav(_VOCODER, units)
+    return voice(_VOCODER, units)
 
 
-def _wav(vocoder: Any, units: np.ndarray) -> np.ndarray:
-    if units.size == 0:  # no units, no audio (vocoders reject empty input)
+def voice(vocoder: Any, units: np.ndarray) -> np.ndarray:
+    """One clip: float32 audio of the units; none for no units (vocoders reject them)."""
+    if np.size(units) == 0:
         return np.zeros((0,), np.float32)
     return np.asarray(vocoder(units), np.float32)
 
@@ -82,9 +83,14 @@ atexit.register(_shutdown)
 
 
 def _executor(vocoder: Any, workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    key = (getattr(vocoder, "fingerprint", None) or id(vocoder), workers)
-    if _POOL["key"] != key:
+    # a pool voices with the vocoder it was started with: kept for the same fingerprint, or
+    # without one the same object (held here, so its id cannot pass to another vocoder)
+    fingerprint = getattr(vocoder, "fingerprint", None)
+    held = _POOL["key"]
+    if held is None or held[1] != workers or (
+            held[0] != fingerprint if fingerprint else held[0] is not vocoder):
         _shutdown()
+        key = (fingerprint or vocoder, workers)
         ctx = multiprocessing.get_context("spawn")  # not fork: this process runs XLA threads
         _POOL.update(key=key, executor=concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=_install, initargs=(vocoder,)))
@@ -109,4 +115,4 @@ def vocode_many(vocoder: Any, units: Sequence[Any], workers: int | None = None
                                                 "voicing the clips in this process", e)
             _shutdown()
     with threadpool_limits(1):
-        return [_wav(vocoder, u) for u in items]
+        return [voice(vocoder, u) for u in items]

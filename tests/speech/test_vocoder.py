@@ -197,3 +197,30 @@ def test_workers_spawn_only_where_the_main_module_is_safe_to_import(monkeypatch)
     assert main()  # interactive
     assert not main("/home/u/script.py")  # a script: perhaps unguarded
     assert not main("<stdin>")
+
+
+def test_pool_is_kept_only_for_the_same_vocoder(monkeypatch):
+    """A started pool voices with its vocoder: reused for the same fingerprint (or, without
+    one, the same object), restarted for another vocoder or worker count."""
+    import types
+
+    from omni_jax.speech import vocode_pool as P
+
+    started = []
+
+    class Executor:
+        def __init__(self, workers, mp_context, initializer, initargs):
+            started.append((workers, initargs[0]))
+
+        def shutdown(self, wait, cancel_futures):
+            pass
+
+    monkeypatch.setattr(P.concurrent.futures, "ProcessPoolExecutor", Executor)
+    monkeypatch.setitem(P._POOL, "key", None)
+    monkeypatch.setitem(P._POOL, "executor", None)
+    plain, other = (lambda u: u), (lambda u: u)
+    named = [types.SimpleNamespace(fingerprint="f") for _ in range(2)]
+    for v, w in ((plain, 2), (plain, 2), (other, 2), (other, 3), (named[0], 2), (named[1], 2)):
+        P._executor(v, w)
+    assert started == [(2, plain), (2, other), (3, other), (2, named[0])]
+    P._shutdown()
