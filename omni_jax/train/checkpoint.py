@@ -146,7 +146,15 @@ class Checkpointer:
         with ocp.CheckpointManager(self.directory) as reader:
             out = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=item, restore_args=restore_args, partial_restore=True)))
-        return out["state"]["params"]
+        params = out["state"]["params"]
+        missing = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(
+            params, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+            if isinstance(v, jax.ShapeDtypeStruct)]
+        if missing:  # partial_restore leaves what the checkpoint lacks as its abstract value
+            raise ValueError(f"Checkpointer: step {step} in {self.directory} has no "
+                             f"{len(missing)} parameter(s) the model expects, e.g. "
+                             f"{missing[:3]}; was it saved with another model config?")
+        return params
 
     def restore_config(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step

@@ -137,3 +137,21 @@ def test_failed_save_keeps_previous_step(tmp_path, monkeypatch):
 class _BadIterator:
     def get_state(self):
         return {"x": object()}
+
+
+def test_params_missing_from_a_checkpoint_are_named(tmp_path):
+    """restore_params of a model with a parameter the checkpoint lacks (e.g. a video tower's
+    frame_embed switched on after the stage was saved): a ValueError naming it, not a
+    ShapeDtypeStruct left in the tree."""
+    params = {"llm": {"w": jnp.arange(6.0)}}
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    try:
+        assert ckpt.save(1, {"params": params, "step": jnp.int32(1)}, force=True)
+        ckpt.wait()
+        got = ckpt.restore_params(1, _abstract(params))
+        np.testing.assert_array_equal(got["llm"]["w"], np.arange(6.0))
+        wider = {**params, "video_frame_embed": jnp.zeros((3, 4))}
+        with pytest.raises(ValueError, match=r"no 1 parameter.*video_frame_embed"):
+            ckpt.restore_params(1, _abstract(wider))
+    finally:
+        ckpt.close()
