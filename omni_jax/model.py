@@ -182,6 +182,10 @@ class OmniModel(nn.Module):
                 setattr(self, f"{m}_encoder", enc_cls(t.encoder_config, name=f"{m}_encoder"))
             if t is not None:
                 setattr(self, f"{m}_adapter", _adapter(c, m, f"{m}_adapter"))
+        if c.video is not None and c.video.frame_embed:  # TowerConfig.frame_embed
+            self.video_frame_embed = self.param(
+                "video_frame_embed", nn.initializers.zeros,
+                (c.video.num_frames, c.llm.hidden_size), jnp.float32)
         if c.highway is not None:
             from omni_jax.adapters.highway import VisualHighway
 
@@ -254,7 +258,10 @@ class OmniModel(nn.Module):
             h, w = self.config.video.adapter_config.reduced_hw(*grid)
             out = out.reshape(n * f, h // k, k, w // k, k, out.shape[-1]).mean(axis=(2, 4))
             out = out.reshape(n * f, -1, out.shape[-1])
-        return out.reshape(n, f * out.shape[1], out.shape[-1])
+        out = out.reshape(n, f, *out.shape[1:])  # [n, F, T, D]
+        if self.config.video.frame_embed:  # frame k's tokens + the k-th frame embedding
+            out = out + self.video_frame_embed[None, :, None].astype(out.dtype)
+        return out.reshape(n, -1, out.shape[-1])
 
     def embed_inputs(self, batch: Mapping[str, Any], features: dict | None = None) -> jax.Array:
         """Token embeddings with every placeholder replaced by its media embedding

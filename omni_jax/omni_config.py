@@ -101,6 +101,11 @@ class TowerConfig:
     # (LLaVA-NeXT-Video's spatial pooling of frames, avg mode); 1 = off. Needs an adapter whose
     # tokens are a plain grid (an "mlp" projector without newlines) divisible by k
     frame_pool: int = 1
+    # video towers: a learned embedding per frame slot added to that frame's tokens after the
+    # adapter (Video-LLaMA's frame position embedding), zero-initialised so a video adapter
+    # started from the image one begins as it. False = off. Not for adapters that pool the
+    # frames themselves (ola_lgap)
+    frame_embed: bool = False
 
     def __post_init__(self) -> None:
         where = f"{self.modality} tower"
@@ -112,6 +117,10 @@ class TowerConfig:
                                                    and self.modality != "video"):
             raise ValueError(f"{where}: short_clips must be one of {SHORT_CLIPS} (a video tower "
                              f"only for other than 'repeat'), got {self.short_clips!r}")
+        if not isinstance(self.frame_embed, bool) or (self.frame_embed
+                                                      and self.modality != "video"):
+            raise ValueError(f"{where}: frame_embed must be a bool (True on a video tower only), "
+                             f"got {self.frame_embed!r}")
         if self.max_tiles and (self.modality != "image" or self.max_tiles < 1):
             raise ValueError(f"{where}: max_tiles must be >= 1 on an image tower (0 = off), got "
                              f"{self.max_tiles!r} on {self.modality}")
@@ -168,7 +177,7 @@ class TowerConfig:
         check_keys(f"{modality} tower", d, ("encoder", "encoder_config", "adapter",
                                             "adapter_config", "image_size", "num_frames",
                                             "num_chunks", "max_tiles", "lowres_size",
-                                            "short_clips", "frame_pool"))
+                                            "short_clips", "frame_pool", "frame_embed"))
         for key in ("encoder", "adapter"):
             if not d.get(key):
                 raise ValueError(f"{modality} tower: '{key}' is required")
@@ -194,7 +203,8 @@ class TowerConfig:
                    None if frames is None else int(frames),
                    None if chunks is None else int(chunks), int(d.get("max_tiles") or 0),
                    None if low is None else tuple(int(x) for x in low),
-                   str(d.get("short_clips") or "repeat"), d.get("frame_pool", 1))
+                   str(d.get("short_clips") or "repeat"), d.get("frame_pool", 1),
+                   d.get("frame_embed", False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +243,10 @@ class OmniConfig:
                                  f"encoder's output channels {t.audio_dim}")
         if self.video is not None and self.video.frame_pool > 1:
             self._check_frame_pool()
+        if self.video is not None and self.video.frame_embed and hasattr(
+                adapter_classes(self.video.adapter)[1], "video"):
+            raise ValueError(f"video tower: frame_embed needs an adapter that embeds each frame "
+                             f"on its own; {self.video.adapter!r} pools the frames itself")
         if self.highway is not None and self.image is None and self.video is None:
             raise ValueError("the visual highway needs an image or video tower")
         if self.speech is not None:

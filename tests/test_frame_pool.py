@@ -1,6 +1,7 @@
 """TowerConfig.frame_pool: each video frame's adapter tokens average-pooled over k x k blocks
 (LLaVA-NeXT-Video's spatial pooling of frames), checked against the unpooled tokens pooled in
-numpy; token counts, placeholder expansion, the paper-size (qwen7b) shapes and bad configs."""
+numpy; token counts, placeholder expansion, the paper-size (qwen7b) shapes and bad configs.
+TowerConfig.frame_embed: a learned per-frame embedding added to each frame's tokens."""
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,8 @@ from omni_jax.omni_config import OmniConfig, TowerConfig
 D = 16
 
 
-def _config(frame_pool: int = 1, adapter: str = "mlp", side: int = 32, **adapter_config
-            ) -> OmniConfig:
+def _config(frame_pool: int = 1, adapter: str = "mlp", side: int = 32, frame_embed: bool = False,
+            **adapter_config) -> OmniConfig:
     return OmniConfig.from_dict({
         "llm": dict(vocab_size=64, hidden_size=D, intermediate_size=32, num_layers=1,
                     num_heads=2, num_kv_heads=1),
@@ -24,7 +25,8 @@ def _config(frame_pool: int = 1, adapter: str = "mlp", side: int = 32, **adapter
                       image_size=[32, 32]),
         "video": dict(encoder="shared:image", adapter=adapter,
                       adapter_config=dict(out_dim=D, **adapter_config),
-                      image_size=[side, side], num_frames=3, frame_pool=frame_pool)})
+                      image_size=[side, side], num_frames=3, frame_pool=frame_pool,
+                      frame_embed=frame_embed)})
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])
@@ -100,3 +102,68 @@ def test_bad_frame_pool(kwargs, match):
 def test_frame_pool_is_for_video_towers():
     with pytest.raises(ValueError, match="on a video tower only"):
         TowerConfig("image", "siglip", "mlp", frame_pool=2)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_frame_embed_adds_each_frames_own_vector(k):
+    plain, emb = _config(k), _config(k, frame_embed=True)
+    video = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 32, 32, 3))
+    init = [OmniModel(emb).init(jax.random.PRNGKey(1), m, x, method=OmniModel.encode)
+            for m, x in (("video", video), ("image", video[:, 0]))]
+    params = {"params": {**init[1]["params"], **init[0]["params"]}}
+    table = params["params"]["video_frame_embed"]
+    assert table.shape == (3, D) and not np.any(np.asarray(table))  # zeros: starts as without
+    rest = {"params": {n: v for n, v in params["params"].items() if n != "video_frame_embed"}}
+    base = np.asarray(OmniModel(plain).apply(rest, "video", video, method=OmniModel.encode))
+    np.testing.assert_array_equal(
+        np.asarray(OmniModel(emb).apply(params, "video", video, method=OmniModel.encode)), base)
+    table = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (3, D)))
+    params = {"params": {**params["params"], "video_frame_embed": jnp.asarray(table)}}
+    got = np.asarray(OmniModel(emb).apply(params, "video", video, method=OmniModel.encode))
+    per = tokens_per_item(emb, "video") // 3  # tokens of one frame
+    want = base + np.repeat(table, per, axis=0)[None]  # frame f's tokens + table[f]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    image = np.asarray(OmniModel(emb).apply(params, "image", video[:, 0], method=OmniModel.encode))
+    np.testing.assert_array_equal(image, np.asarray(OmniModel(plain).apply(
+        rest, "image", video[:, 0], method=OmniModel.encode)))  # images untouched
+
+
+def test_frame_embed_is_trained_through_the_llm():
+    cfg = _config(2, frame_embed=True)
+    n = tokens_per_item(cfg, "video")
+    batch = {"input_ids": jnp.zeros((1, n + 2), jnp.int32),
+             "modality": jnp.asarray([[0] + [2] * n + [0]], jnp.int32),
+             "video": jax.random.normal(jax.random.PRNGKey(2), (1, 3, 32, 32, 3))}
+    model = OmniModel(cfg)
+    params = model.init(jax.random.PRNGKey(3), batch)
+    grads = jax.grad(lambda p: model.apply(p, batch)["logits"][0, -1, :4].sum())(params)
+    g = np.asarray(grads["params"]["video_frame_embed"])
+    assert np.all(np.abs(g).sum(axis=1) > 0)  # every frame's row gets a gradient
+
+
+def test_frame_embed_paper_size():
+    from omni_jax.recipes.plan import model_of
+    from omni_jax.recipes.registry import load_recipe
+
+    c = load_recipe("capybara:model=qwen7b")
+    c.model.video.frame_embed = True
+    cfg = model_of(c).config
+    video = jax.ShapeDtypeStruct((1, cfg.video.num_frames, *cfg.video.image_size, 3), jnp.bfloat16)
+    params = jax.eval_shape(lambda v: OmniModel(cfg).init(jax.random.PRNGKey(0), "video", v,
+                                                          method=OmniModel.encode), video)
+    assert params["params"]["video_frame_embed"].shape == (cfg.video.num_frames,
+                                                           cfg.llm.hidden_size)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(frame_embed=1), "frame_embed must be a bool"),
+    (dict(frame_embed=True, adapter="ola_lgap"), "pools the frames itself"),
+])
+def test_bad_frame_embed(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**kwargs)
+
+
+def test_frame_embed_is_for_video_towers():
+    with pytest.raises(ValueError, match="True on a video tower only"):
+        TowerConfig("image", "siglip", "mlp", frame_embed=True)
