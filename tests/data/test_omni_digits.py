@@ -127,6 +127,36 @@ def test_train_user_speech_varies_its_prosody():
     assert V.render("two", "en-us+m1", styles[0]).tobytes() != V.render("two", "en-us+m1").tobytes()
 
 
+def test_speech_rendered_ahead_in_parallel_is_the_same(built, monkeypatch):
+    """prefetch_speech: speech_wanted lists exactly the renderings generate asks for (in order),
+    render_many puts them in render's cache, and the records built from it are the built ones."""
+    plan = B.make_builder("small", built["data_dir"]).builder_config.plans()["test"]
+    wanted = T.speech_wanted(plan, "speech_asr")
+    recs = [ex for _, ex in T.generate(plan, "speech_asr")]
+    assert [w[:2] for w in wanted] == [(r["answer"], r["voice"]) for r in recs]
+    assert all(isinstance(w[2], V.Style) for w in wanted)
+    V._render.cache_clear()
+    assert T.prefetch_speech(plan, "speech_asr", workers=2) == len(set(wanted))
+    info = V._render.cache_info()
+    got = [ex for _, ex in T.generate(plan, "speech_asr")]
+    assert V._render.cache_info().misses == info.misses  # every rendering was found cached
+    built_recs = {_s(r["id"]): r for r in built["records"]["test"]}
+    for r in got:
+        np.testing.assert_array_equal(r["audio"], built_recs[r["id"]]["audio"])
+    V._render.cache_clear()
+    one = V.render(*wanted[0])
+    V._render.cache_clear()
+    V.render_many(wanted[:3], workers=2)
+    np.testing.assert_array_equal(V.render(*wanted[0]), one)
+    assert T.prefetch_speech(plan, "image_qa") == 0
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        V.render_many(wanted[:2], workers=0)
+    with pytest.raises(ValueError, match="exceed the cache"):
+        V.render_many((str(i), "en-us", V.NEUTRAL) for i in range(V.RENDER_CACHE + 1))
+    monkeypatch.setattr(V, "RENDER_CACHE", 2)  # a task larger than the cache: its first ones
+    assert T.prefetch_speech(plan, "speech_asr", workers=2) == 2
+
+
 def _check_record(r, labels, vocab):
     task, a = _s(r["task"]), _s(r["answer"])
     assert _s(r["id"]).split("-")[1] == task and bool(a) == (task not in T.IMAGE_OUT)

@@ -117,6 +117,7 @@ class OmniDigits(tfds.core.GeneratorBasedBuilder):
             return wave, np.zeros(1, np.int32)
 
         for task in ("speech_response", "speech_dpo"):
+            T.prefetch_speech(train, task)
             for _ in T.generate(train, task, collect):
                 pass
         cfg = self.builder_config

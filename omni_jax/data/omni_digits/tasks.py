@@ -220,10 +220,12 @@ def _video_question(rng: np.random.Generator, ds: list[int]) -> tuple[str, str]:
     return VIDEO_QUESTIONS[kind], answer
 
 
-def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None
+def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None,
+             render: Callable[[str, str, V.Style], np.ndarray] = V.render
              ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The records of one task in one split: (key, FIELDS dict), deterministic for the plan.
-    speech_fn renders and unit-encodes answers (required by speech_response / speech_dpo)."""
+    speech_fn renders and unit-encodes answers (required by speech_response / speech_dpo);
+    render(text, voice, style) speaks the user's side (prefetch_speech records its calls)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
     if task in ("speech_response", "speech_dpo") and speech_fn is None:
@@ -244,7 +246,7 @@ def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None
         return plan.voices[int(rng.integers(len(plan.voices)))]
 
     def say(text: str, v: str) -> np.ndarray:
-        return V.render(text, v, V.user_style(plan.split, prosody))
+        return render(text, v, V.user_style(plan.split, prosody))
 
     for i in range(plan.counts[task]):
         key = f"{plan.split}-{task}-{i:05d}"
@@ -338,8 +340,41 @@ def _image_out(task: str, rng: np.random.Generator, plan: SplitPlan, i: int,
                     prompt=NEXT_PROMPT, target_image=pixels[t][None], target_index=[t])
 
 
+SPOKEN = ("speech_asr", "spoken_image_qa", "video_spoken_qa", "speech_response", "speech_dpo")
+
+
+def speech_wanted(plan: SplitPlan, task: str) -> list[tuple[str, str, V.Style]]:
+    """Every (text, voice, style) rendering `generate(plan, task, ...)` asks for, in order, found
+    by generating the task once without speaking (the records do not depend on the audio)."""
+    wanted: list[tuple[str, str, V.Style]] = []
+    silent = np.zeros(1, np.int16)
+
+    def user(text: str, voice: str, style: V.Style) -> np.ndarray:
+        wanted.append((text, voice, style))
+        return silent
+
+    def assistant(text: str, style: V.Style) -> tuple[np.ndarray, np.ndarray]:
+        wanted.append((text, V.ASSISTANT_VOICE, style))
+        return silent, np.zeros(1, np.int32)
+
+    for _ in generate(plan, task, assistant, render=user):
+        pass
+    return wanted
+
+
+def prefetch_speech(plan: SplitPlan, task: str, workers: int | None = None) -> int:
+    """Render a task's speech ahead, several espeak-ng processes at a time (V.render_many), so
+    that generating it then finds every waveform cached -> distinct renderings. At most the
+    first V.RENDER_CACHE of them (a larger task renders the rest as it goes)."""
+    if task not in SPOKEN:
+        return 0
+    return V.render_many(list(dict.fromkeys(speech_wanted(plan, task)))[:V.RENDER_CACHE], workers)
+
+
 def generate_split(plan: SplitPlan, speech_fn: SpeechFn | None = None
                    ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """All tasks' records of a split, task by task."""
+    """All tasks' records of a split, task by task (each task's speech rendered ahead in
+    parallel, prefetch_speech)."""
     for task in TASKS:
+        prefetch_speech(plan, task)
         yield from generate(plan, task, speech_fn)

@@ -15,8 +15,11 @@ styles (higher pitch, faster, louder: the "chosen" side of emotional-speech DPO)
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -93,7 +96,10 @@ def espeak_version() -> str:
     return line.split("  Data at")[0].strip()
 
 
-@functools.lru_cache(maxsize=4096)
+RENDER_CACHE = 4096  # renderings kept (_render's cache); render_many fills at most this many
+
+
+@functools.lru_cache(maxsize=RENDER_CACHE)
 def _render(text: str, voice: str, style: Style) -> np.ndarray:
     from omni_jax.data.features import audio as afeat
     from omni_jax.data.features.config import AudioConfig
@@ -130,3 +136,25 @@ def render(text: str, voice: str, style: Style | str = USER) -> np.ndarray:
     if not text.strip():
         raise ValueError("render: empty text; expected words to speak")
     return _render(text, voice, style)
+
+
+def render_many(items: Iterable[tuple[str, str, Style]], workers: int | None = None) -> int:
+    """Render (text, voice, style) items ahead of their render() calls, several espeak-ng
+    processes at a time (threads: each waits on its subprocess), into render's cache: the same
+    waveforms as rendering them one by one. Returns the number of distinct items rendered; more
+    than RENDER_CACHE would evict each other, so that is refused."""
+    todo = list(dict.fromkeys((t, v, s if isinstance(s, Style) else STYLES[s])
+                              for t, v, s in items))
+    if len(todo) > RENDER_CACHE:
+        raise ValueError(f"render_many: {len(todo)} distinct renderings exceed the cache of "
+                         f"{RENDER_CACHE}; pass at most that many at a time")
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"render_many: workers must be >= 1, got {workers}")
+    if workers == 1 or len(todo) < 2:
+        for t, v, s in todo:
+            render(t, v, s)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda a: render(*a), todo))
+    return len(todo)
