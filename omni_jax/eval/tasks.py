@@ -225,8 +225,11 @@ def _accuracy(task: str, prepared: Sequence[Prepared], answers: Sequence[str]) -
     for q, a, r in zip(questions, answers, refs):
         c = by_question.setdefault(q, [0, 0])
         c[0], c[1] = c[0] + int(M.exact_match(a, r)), c[1] + 1
+    # chance: what the question alone buys, given media; a text-only question is the whole
+    # input (a text problem's own answer), so a text-only set has none
+    media = any(p.item.record.get(k) for p in prepared for k in MEDIA_FIELDS.values())
     return {"task": task, "value": acc["accuracy"], **acc,
-            "chance": M.prior_baseline(questions, refs)["accuracy"],
+            "chance": M.prior_baseline(questions, refs)["accuracy"] if media else None,
             "by_question": {q: {"accuracy": c / n, "count": n}
                             for q, (c, n) in sorted(by_question.items())},
             "answers": _answers(prepared, answers)}

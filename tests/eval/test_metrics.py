@@ -53,6 +53,24 @@ def test_prior_baseline_is_the_best_media_blind_answer_per_question():
         M.prior_baseline(["a", "b"], ["a"])
 
 
+def test_a_text_only_qa_set_has_no_chance_level():
+    """A text problem's question is its whole input: the media-blind answerer would know every
+    answer, so a set without media reports chance None (a media set keeps prior_baseline)."""
+    from omni_jax.eval.tasks import Item, Prepared, _accuracy
+
+    def prep(i, q, a, **media):
+        rec = {"messages": [{"role": "user", "content": q},
+                            {"role": "assistant", "content": a}], **media}
+        return Prepared(Item("m.jsonl", i, str(i), "qa", rec), a, {})
+
+    text = [prep(0, "What is one plus two?", "Three."), prep(1, "What is two plus two?", "Four.")]
+    out = _accuracy("text_chat", text, ["Three.", "Five."])
+    assert out["chance"] is None and out["accuracy"] == 0.5
+    seen = [prep(0, "What digit is this?", "one", images=["a.png"]),
+            prep(1, "What digit is this?", "two", images=["b.png"])]
+    assert _accuracy("image_qa", seen, ["one", "one"])["chance"] == 0.5
+
+
 def _brute_edits(a: tuple, b: tuple) -> int:
     """Edit distance by the plain recursion (an independent implementation)."""
     @functools.cache
