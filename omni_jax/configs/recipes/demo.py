@@ -127,9 +127,10 @@ SHORT_CLIPS = "pad"
 FRAME_POOL = 2
 # a learned embedding per frame slot added to its tokens (TowerConfig.frame_embed), trained in
 # the video stage: the video errors were mostly a frame read as its neighbour. Off: in a full
-# demo (commit 7858273 + this on) video QA 72.9 -> 74.0% (order 77 -> 81%, last 84 -> 86%, the
-# earlier stages identical), ASR 2.9 -> 3.6%, but speech_dpo, started from the changed
-# generator, voiced 40 of 179 one-word answers as "It is a": round trip 10.6 -> 64.2% (15%)
+# demo (commit 20af431, the video tower's frame_embed on) video QA 72.9 -> 74.0% (order
+# 77 -> 81%, last 84 -> 86%, the earlier stages identical), ASR 2.9 -> 3.6%, but speech_dpo,
+# started from the changed generator, voiced 40 of 179 one-word answers as "It is a": round
+# trip 10.6 -> 64.2% (bar 15%)
 FRAME_EMBED = False
 # audio_ctc's static caps per row: audio tokens (one 3 s clip: 30) and transcript tokens
 AUDIO_CTC = {"max_frames": 32, "max_labels": 16}

@@ -376,5 +376,6 @@ def generate_split(plan: SplitPlan, speech_fn: SpeechFn | None = None
     """All tasks' records of a split, task by task (each task's speech rendered ahead in
     parallel, prefetch_speech)."""
     for task in TASKS:
-        prefetch_speech(plan, task)
+        if speech_fn is not None or task not in ("speech_response", "speech_dpo"):
+            prefetch_speech(plan, task)  # (without speech_fn, generate refuses those two)
         yield from generate(plan, task, speech_fn)

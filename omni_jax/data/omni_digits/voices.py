@@ -154,7 +154,8 @@ def render_many(items: Iterable[tuple[str, str, Style]], workers: int | None = N
     if workers == 1 or len(todo) < 2:
         for t, v, s in todo:
             render(t, v, s)
-    else:
+    else:  # the first one alone: librosa's lazy imports are not thread-safe
+        render(*todo[0])
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda a: render(*a), todo))
+            list(pool.map(lambda a: render(*a), todo[1:]))
     return len(todo)
