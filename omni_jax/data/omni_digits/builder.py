@@ -116,7 +116,7 @@ class OmniDigits(tfds.core.GeneratorBasedBuilder):
             wave = waves.setdefault((text, style), V.render(text, V.ASSISTANT_VOICE, style))
             return wave, np.zeros(1, np.int32)
 
-        for task in ("speech_response", "speech_dpo"):
+        for task in T.SPEECH_OUT:
             T.prefetch_speech(train, task)
             for _ in T.generate(train, task, collect):
                 pass

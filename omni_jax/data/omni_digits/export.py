@@ -123,7 +123,7 @@ def to_record(ex: dict[str, Any], image_ref: Any, audio_ref: Any) -> dict[str, A
     rec["digits"] = [int(d) for d in ex["digits"]]
     if index:
         rec["image_index"] = index
-    if task in ("speech_response", "speech_dpo"):
+    if task in T.SPEECH_OUT:
         style = _text(ex["style"])
         rec["speech_units"] = [int(u) for u in ex["speech_units"]]
         rec["speech_source"] = f"espeak-ng:{_text(ex['voice'])}:{style}"

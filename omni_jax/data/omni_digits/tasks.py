@@ -54,6 +54,7 @@ TASKS = {
     "video_next_frame": ("video", "text"),
 }
 IMAGE_OUT = ("text_to_image", "image_to_image", "video_next_frame")
+SPEECH_OUT = ("speech_response", "speech_dpo")  # answers spoken by speech_fn
 # records per task = ceil(ratio * images in the split) (capped by the config's max_per_task)
 RATIOS = {"image_caption": 1.0, "image_qa": 2.0, "speech_asr": 1.0, "spoken_image_qa": 1.0,
           "video_qa": 2.0, "video_spoken_qa": 0.5, "text_chat": 0.5, "speech_response": 1.0,
@@ -228,7 +229,7 @@ def generate(plan: SplitPlan, task: str, speech_fn: SpeechFn | None = None,
     render(text, voice, style) speaks the user's side (prefetch_speech records its calls)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
-    if task in ("speech_response", "speech_dpo") and speech_fn is None:
+    if task in SPEECH_OUT and speech_fn is None:
         raise ValueError(f"generate: task {task!r} needs a speech_fn (answer -> wave, units)")
     if not plan.images:
         raise ValueError(f"generate: split {plan.split!r} has no images")
@@ -340,7 +341,7 @@ def _image_out(task: str, rng: np.random.Generator, plan: SplitPlan, i: int,
                     prompt=NEXT_PROMPT, target_image=pixels[t][None], target_index=[t])
 
 
-SPOKEN = ("speech_asr", "spoken_image_qa", "video_spoken_qa", "speech_response", "speech_dpo")
+SPOKEN = ("speech_asr", "spoken_image_qa", "video_spoken_qa", *SPEECH_OUT)
 
 
 def speech_wanted(plan: SplitPlan, task: str) -> list[tuple[str, str, V.Style]]:
@@ -376,6 +377,6 @@ def generate_split(plan: SplitPlan, speech_fn: SpeechFn | None = None
     """All tasks' records of a split, task by task (each task's speech rendered ahead in
     parallel, prefetch_speech)."""
     for task in TASKS:
-        if speech_fn is not None or task not in ("speech_response", "speech_dpo"):
+        if speech_fn is not None or task not in SPEECH_OUT:
             prefetch_speech(plan, task)  # (without speech_fn, generate refuses those two)
         yield from generate(plan, task, speech_fn)
