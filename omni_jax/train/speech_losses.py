@@ -38,6 +38,15 @@ def _with_check(check: Callable[..., None]) -> Callable[[LossFn], LossFn]:
 
 # ----------------------------------------------------------------------------- CTC
 
+def ctc_feasible(frame_mask: jax.Array, units: jax.Array, unit_mask: jax.Array) -> jax.Array:
+    """[B] bool: the frames [B, T] hold the units [B, U] (right padded by unit_mask) and a
+    blank between each pair of equal adjacent units."""
+    umask = unit_mask.astype(jnp.float32)
+    labels = jnp.where(umask > 0, units.astype(jnp.int32), -1)
+    repeats = jnp.sum((labels[:, 1:] == labels[:, :-1]) * umask[:, 1:] * umask[:, :-1], -1)
+    return jnp.sum(frame_mask.astype(jnp.float32), axis=-1) >= jnp.sum(umask, -1) + repeats
+
+
 def ctc_nll(log_probs: jax.Array, frame_mask: jax.Array, units: jax.Array,
             unit_mask: jax.Array, *, blank: int | None = None,
             zero_infinity: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -61,8 +70,7 @@ def ctc_nll(log_probs: jax.Array, frame_mask: jax.Array, units: jax.Array,
     raw = optax.ctc_loss(log_probs.astype(jnp.float32), 1.0 - fmask, labels, 1.0 - umask,
                          blank_id=blank)
     n_units = jnp.sum(umask, axis=-1)
-    repeats = jnp.sum((labels[:, 1:] == labels[:, :-1]) * umask[:, 1:] * umask[:, :-1], -1)
-    feasible = jnp.sum(fmask, axis=-1) >= n_units + repeats
+    feasible = ctc_feasible(frame_mask, units, unit_mask)
     bad = 0.0 if zero_infinity else jnp.inf
     nll = jnp.where(feasible, raw, bad)
     return jnp.where(n_units > 0, nll, 0.0), feasible

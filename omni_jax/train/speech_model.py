@@ -32,6 +32,17 @@ def speech_loglik(config: Any, out: Mapping[str, jax.Array], units: jax.Array,
     return jnp.sum(tok * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 
+def speech_feasible(config: Any, out: Mapping[str, jax.Array], units: jax.Array,
+                    unit_mask: jax.Array) -> jax.Array:
+    """[B] bool: whether speech_loglik is defined (CTC: the frames hold the units and their
+    repeats' blanks; it is 0 otherwise, as zero_infinity; AR: always)."""
+    if config.mode == "ctc":
+        from omni_jax.train.speech_losses import ctc_feasible
+
+        return ctc_feasible(out["speech_frame_mask"], units, unit_mask)
+    return jnp.ones(units.shape[:1], bool)
+
+
 class SpeechHead:
     """Generator params, init, DPO reference handling and outputs for the speech losses."""
 
@@ -79,16 +90,18 @@ class SpeechHead:
         if not self.dpo_reference or batch.get("speech_units_rejected") is None:
             return out
         ref = jax.lax.stop_gradient(params["speech_ref"])
+        real = jnp.any(batch["speech_unit_mask"] > 0, axis=-1)  # not a padding row
         for who, p in (("policy", params["speech"]), ("ref", ref)):
             for side in ("chosen", "rejected"):
                 rej = side == "rejected"
                 o = out if (who, side) == ("policy", "chosen") else self.generate(
                     p, hidden, batch, rejected=rej)
                 sfx = "_rejected" if rej else ""
-                out[f"dpo_{who}_{side}"] = speech_loglik(
-                    self.config, o, batch["speech_units" + sfx],
-                    batch["speech_unit_mask" + sfx])
-        out["dpo_mask"] = jnp.any(batch["speech_unit_mask"] > 0, axis=-1)
+                units, mask = batch["speech_units" + sfx], batch["speech_unit_mask" + sfx]
+                out[f"dpo_{who}_{side}"] = speech_loglik(self.config, o, units, mask)
+                if who == "policy":  # l(y) = 0 for a side its frames cannot hold: no pair
+                    real = real & speech_feasible(self.config, o, units, mask)
+        out["dpo_mask"] = real
         return out
 
 

@@ -205,6 +205,27 @@ def test_dpo_padding_rows_do_not_count():
     np.testing.assert_allclose(got, hand_dpo_loss(params, real), rtol=1e-5)
 
 
+def test_dpo_pairs_with_an_infeasible_side_do_not_count():
+    """A chosen rendering its frames cannot hold has l(y) = 0 (zero_infinity) under policy and
+    reference alike: its pair would only push the rejected side down. It counts as a padding
+    row does: not at all."""
+    trainer = dpo_run()["trainer"]
+    params = perturbed(SpeechLM(CFG, dpo_reference=True).prepare_params(pretrained()))
+    batch = dpo_batch(HELD_OUT[:16], seed=11)
+    width = batch["speech_units"].shape[1]
+    frames = CFG.upsample * batch["speech_text_mask"].sum(1)  # >= the units' count here
+    bad = np.flatnonzero(frames < 2 * width - 1)[:4]  # rows a run of `width` equal units breaks
+    assert bad.size >= 1
+    broken = {k: v.copy() for k, v in batch.items()}
+    broken["speech_units"][bad] = broken["speech_units"][bad, :1]  # one unit, width times
+    broken["speech_unit_mask"][bad] = 1
+    m = trainer.eval_step(params, trainer.shard(broken))
+    keep = np.setdiff1d(np.arange(16), bad)
+    assert int(m["dpo/pairs"]) == keep.size
+    want = hand_dpo_loss(params, {k: v[keep] for k, v in batch.items()})
+    np.testing.assert_allclose(float(m["loss/dpo"]), want, rtol=1e-5)
+
+
 def test_dpo_freezes_reference_and_trains_policy():
     run = dpo_run()
     ctc = pretrained()
