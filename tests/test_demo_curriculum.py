@@ -8,7 +8,9 @@ its metrics."""
 
 import os
 import re
+import zlib
 
+import numpy as np
 import pytest
 
 from omni_jax.cli import demo as cli
@@ -38,7 +40,7 @@ def trained(tmp_path_factory):
     c = recipe.get_config(f"units={UnitTokenizer.load(units_dir).vocab_size},steps={STEPS}")
     c.tokenizer.path = cli.train_tokenizer(train, int(c.model.llm.vocab_size),
                                            os.path.join(data, "spm"))
-    cli.write_self_asr(train, units_dir, recipe.SELF_ASR)
+    cli.write_self_asr(train, units_dir, recipe.SELF_ASR, recipe.SELF_ASR_PERTURB)
     c.data_root, c.speech_units.dir = train, units_dir
     c.stages.image_tower.steps, c.stages.image_text.steps = TOWER_STEPS, IMAGE_STEPS
     c.train.progress_bar, c.train.tensorboard, c.train.log_every = False, False, 5
@@ -46,6 +48,64 @@ def trained(tmp_path_factory):
     lines: list[str] = []
     status = run(c, os.path.join(root, "train"), echo=lines.append)
     return root, c, status, lines
+
+
+def _check_self_asr(train: str, manifest: str, units_dir: str, perturb: dict) -> int:
+    """Every self-listening wav says one rendering, each record has its own id, and a cut copy
+    is as long as its own draw (seeded by its id) -> the number of cut copies."""
+    import json
+
+    import soundfile as sf
+
+    from omni_jax.speech.augment import UnitPerturb, perturb_frames
+    from omni_jax.speech.vocoder import MelTableVocoder
+
+    with open(manifest) as f:
+        rows = [json.loads(line) for line in f]
+    sources = {}
+    for task in ("speech_response", "speech_dpo"):
+        with open(os.path.join(train, f"{task}.jsonl")) as f:
+            sources.update({f"{recipe.SELF_ASR}-{json.loads(x)['id']}": json.loads(x)
+                            for x in f})
+    assert len({r["id"] for r in rows}) == len(rows) == len(sources)
+    said: dict[str, set] = {}
+    for r in rows:
+        said.setdefault(r["audios"][0], set()).add(tuple(sources[r["id"]]["speech_units"]))
+        assert r["messages"][-1]["content"] == sources[r["id"]]["messages"][-1]["content"]
+    assert all(len(units) == 1 for units in said.values())  # one rendering per wav file
+    hop = MelTableVocoder.load(units_dir).hop_length
+    spec = UnitPerturb(**{k: v for k, v in perturb.items() if k != "share"})
+    base = os.path.dirname(manifest)
+    cut = [r for r in rows if r["audios"][0].endswith(".cut.wav")]
+    for r in rows:
+        rng = np.random.default_rng(zlib.crc32(r["id"].encode()))
+        assert (r in cut) == bool(perturb["share"] and rng.random() < perturb["share"])
+        if r in cut:
+            frames = perturb_frames(np.asarray(sources[r["id"]]["speech_units"]), spec, rng)
+            assert sf.info(os.path.join(base, r["audios"][0])).frames == frames.size * hop
+    return len(cut)
+
+
+def test_each_self_listening_wav_says_its_own_transcript(trained):
+    """speech_response and speech_dpo records share id numbers: their self-listening wavs must
+    not (one overwrote the other: 26 of 243 wavs were heard with another record's answer)."""
+    root, c, _, _ = trained
+    train = os.path.join(root, "data", "train")
+    _check_self_asr(train, os.path.join(train, f"{recipe.SELF_ASR}.jsonl"), c.speech_units.dir,
+                    recipe.SELF_ASR_PERTURB)
+
+
+def test_perturbed_self_listening(trained, tmp_path):
+    """With a share perturbed, those records hear their own cut copy of their rendering."""
+    import shutil
+
+    root, c, _, _ = trained
+    train = os.path.join(root, "data", "train")
+    for task in ("speech_response", "speech_dpo"):
+        shutil.copy(os.path.join(train, f"{task}.jsonl"), tmp_path)
+    perturb = {"share": 0.5, "drop_run": 0.2, "shorten": 0.3, "lengthen": 0.2}
+    path = cli.write_self_asr(str(tmp_path), c.speech_units.dir, recipe.SELF_ASR, perturb)
+    assert _check_self_asr(train, path, c.speech_units.dir, perturb) > 0
 
 
 def test_every_stage_trains_and_its_loss_falls(trained):

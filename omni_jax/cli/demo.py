@@ -105,39 +105,61 @@ def train_tokenizer(train_dir: str, vocab_size: int, out_prefix: str) -> str:
     return str(train_sentencepiece(texts, vocab_size, out_prefix))
 
 
-def write_self_asr(train_dir: str, units_dir: str, name: str) -> str:
+def write_self_asr(train_dir: str, units_dir: str, name: str,
+                   perturb: Mapping[str, float] | None = None) -> str:
     """Self-listening ASR records: each train speech_response answer and speech_dpo chosen
     (expressive) answer voiced from its reference units by the dataset's vocoder, with the
     round trip's ASR prompt -> the manifest path. The expressive ones: after DPO the model
-    hears its own expressive voice."""
+    hears its own expressive voice. perturb {share, drop_run, shorten, lengthen}: that share of
+    the records (drawn per record id) hear a perturbed copy of their units instead
+    (speech.augment: a generator's units are a reduced copy of the references), cut from the
+    exact vocoding."""
+    import zlib
+
+    import numpy as np
     import soundfile as sf
 
+    from omni_jax.speech.augment import UnitPerturb, cut_wav, perturb_frames
     from omni_jax.speech.vocode_pool import vocode_many
     from omni_jax.speech.vocoder import MelTableVocoder
 
     path = os.path.join(train_dir, f"{name}.jsonl")
     if os.path.isfile(path):
         return path
+    perturb = dict(perturb or {})
+    share = float(perturb.pop("share", 0.0))
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"self-listening perturb: share must be in [0, 1], got {share}")
+    spec = UnitPerturb(**perturb)
     vocoder = MelTableVocoder.load(units_dir)
     os.makedirs(os.path.join(train_dir, "audio_self"), exist_ok=True)
     out, voiced = [], {}  # units -> their wav: one per distinct rendering (answers repeat)
+    cuts = []  # (wav path, units, frames): the perturbed records' own wavs
     lines = []
     for task in ("speech_response", "speech_dpo"):
         with open(os.path.join(train_dir, f"{task}.jsonl")) as f:
-            lines += [(task, line) for line in f]
-    for task, line in lines:
+            lines += list(f)
+    for line in lines:
         rec = json.loads(line)
-        rid = rec["id"].replace(task, name)
+        rid = f"{name}-{rec['id']}"  # the tasks' ids share numbers: both keep their own
         key = tuple(rec["speech_units"])
-        if key not in voiced:
-            voiced[key] = os.path.join("audio_self", f"{rid}.wav")
-        wav = voiced[key]
+        rng = np.random.default_rng(zlib.crc32(rid.encode()))
+        if share and rng.random() < share:
+            wav = os.path.join("audio_self", f"{rid}.cut.wav")
+            cuts.append((wav, key, perturb_frames(np.asarray(key), spec, rng)))
+        else:
+            wav = voiced.setdefault(key, os.path.join("audio_self", f"{rid}.wav"))
         out.append({"id": rid, "task": "speech_asr", "audios": [wav], "messages": [
             {"role": "user", "content": [{"type": "audio"},
                                          {"type": "text", "text": SELF_ASR_PROMPT}]},
             {"role": "assistant", "content": rec["messages"][-1]["content"]}]})
-    for wav, rel in zip(vocode_many(vocoder, list(voiced)), voiced.values(), strict=True):
-        sf.write(os.path.join(train_dir, rel), wav, vocoder.sample_rate, subtype="PCM_16")
+    keys = list(dict.fromkeys([*voiced, *(key for _, key, _ in cuts)]))
+    wavs = dict(zip(keys, vocode_many(vocoder, keys), strict=True))
+    for key, rel in voiced.items():
+        sf.write(os.path.join(train_dir, rel), wavs[key], vocoder.sample_rate, subtype="PCM_16")
+    for rel, key, frames in cuts:
+        sf.write(os.path.join(train_dir, rel), cut_wav(wavs[key], frames, vocoder.hop_length),
+                 vocoder.sample_rate, subtype="PCM_16")
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in out)
     os.replace(path + ".tmp", path)
@@ -265,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     config.tokenizer.path = train_tokenizer(os.path.join(data_dir, "train"),
                                             int(config.model.llm.vocab_size),
                                             os.path.join(data_dir, "spm"))
-    write_self_asr(os.path.join(data_dir, "train"), units_dir, recipe.SELF_ASR)
+    write_self_asr(os.path.join(data_dir, "train"), units_dir, recipe.SELF_ASR,
+                   getattr(recipe, "SELF_ASR_PERTURB", None))
     timings["tokenizer"] = round(time.time() - t1, 1)
     config.data_root, config.speech_units.dir = os.path.join(data_dir, "train"), units_dir
     config.train.seed = args.seed
