@@ -4,7 +4,7 @@ and their wavs cut from the exact vocoding, one hop per unit."""
 import numpy as np
 import pytest
 
-from omni_jax.speech.augment import UnitPerturb, cut_wav, perturb_frames
+from omni_jax.speech.augment import UnitPerturb, cut_wav, perturb_frames, unit_spans
 
 UNITS = np.array([3, 39, 59, 16, 16, 16, 60, 60, 60])  # "two", as the demo's references say it
 RUNS = 5
@@ -52,26 +52,41 @@ def test_never_empty():
         assert perturb_frames(np.array([7]), UnitPerturb(0.99, 0.0, 0.0), rng).size == 1
 
 
-def test_cut_wav_takes_one_hop_per_frame():
+def test_unit_spans_centre_each_unit_on_its_frame():
+    starts, ends = unit_spans(4, 8)
+    np.testing.assert_array_equal(starts, [0, 4, 12, 20])
+    np.testing.assert_array_equal(ends, [4, 12, 20, 32])
+
+
+def test_cut_wav_takes_each_units_samples():
     hop = 8
-    wav = np.arange(UNITS.size * hop, dtype=np.float32)
-    np.testing.assert_array_equal(cut_wav(wav, np.arange(UNITS.size), hop), wav)
+    wav = np.arange(UNITS.size * hop, dtype=np.float32) + 1.0
+    np.testing.assert_array_equal(cut_wav(wav, np.arange(UNITS.size), hop), wav)  # all kept
     frames = np.array([1, 2, 2, 5])
     out = cut_wav(wav, frames, hop, fade=2)
-    assert out.shape == (frames.size * hop,)
-    seg = out.reshape(-1, hop)
-    np.testing.assert_array_equal(seg[0], wav[8:16])  # 1 -> 2 contiguous: no ramp
-    np.testing.assert_array_equal(seg[1, :6], wav[16:22])  # 2 -> 2 is a cut: ramped out
-    np.testing.assert_allclose(seg[1, 6:], wav[22:24] * [1.0, 0.0])
-    np.testing.assert_allclose(seg[2, :2], wav[16:18] * [0.0, 1.0])  # ... and ramped in
-    np.testing.assert_array_equal(seg[3, 2:], wav[42:48])
+    ramp = np.array([0.25, 0.75], np.float32)
+    # unit 1 = samples 4..11 (faded in: unit 0 dropped), unit 2 = 12..19 twice (a cut between
+    # the copies and after the second), unit 5 = 36..43 (faded in, and out: unit 6 dropped)
+    both = np.r_[ramp, 1, 1, 1, 1, ramp[::-1]]
+    want = [wav[4:12] * np.r_[ramp, np.ones(6)], wav[12:20] * np.r_[np.ones(6), ramp[::-1]],
+            wav[12:20] * both, wav[36:44] * both]
+    np.testing.assert_allclose(out, np.concatenate(want), rtol=1e-6)
+    assert np.all(out != 0)  # a ramp never zeroes a sample
+    np.testing.assert_array_equal(cut_wav(wav, frames, hop, fade=0),
+                                  np.concatenate([wav[4:12], wav[12:20], wav[12:20], wav[36:44]]))
 
 
-@pytest.mark.parametrize("kwargs", [dict(drop_run=1.0), dict(shorten=-0.1),
+@pytest.mark.parametrize("kwargs", [dict(drop_run=1.0), dict(shorten=-0.1), dict(lengthen=True),
                                     dict(shorten=0.6, lengthen=0.5), dict(lengthen="x")])
 def test_bad_odds_raise(kwargs):
     with pytest.raises(ValueError, match="UnitPerturb"):
         UnitPerturb(**kwargs)
+
+
+def test_odds_of_one_and_numpy_floats_are_accepted():
+    rng = np.random.default_rng(0)
+    frames = perturb_frames(UNITS, UnitPerturb(np.float32(0.0), 1.0, 0.0), rng)
+    assert [int(np.sum(UNITS[frames] == u)) for u in (3, 39, 59, 16, 60)] == [1, 1, 1, 2, 2]
 
 
 def test_bad_inputs_raise():
@@ -82,3 +97,7 @@ def test_bad_inputs_raise():
         cut_wav(np.zeros(10, np.float32), np.array([0]), 4)
     with pytest.raises(ValueError, match="indices in"):
         cut_wav(np.zeros(8, np.float32), np.array([2]), 4)
+    with pytest.raises(ValueError, match="int array"):
+        cut_wav(np.zeros(8, np.float32), np.array([0.5]), 4)
+    with pytest.raises(ValueError, match="fade"):
+        cut_wav(np.zeros(8, np.float32), np.array([0]), 4, fade=-1)
