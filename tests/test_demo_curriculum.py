@@ -57,7 +57,7 @@ def _check_self_asr(train: str, manifest: str, units_dir: str, perturb: dict) ->
 
     import soundfile as sf
 
-    from omni_jax.speech.augment import UnitPerturb, perturb_frames
+    from omni_jax.speech.augment import UnitPerturb, perturb_frames, unit_spans
     from omni_jax.speech.vocoder import MelTableVocoder
 
     with open(manifest) as f:
@@ -81,8 +81,11 @@ def _check_self_asr(train: str, manifest: str, units_dir: str, perturb: dict) ->
         rng = np.random.default_rng(zlib.crc32(r["id"].encode()))
         assert (r in cut) == bool(perturb["share"] and rng.random() < perturb["share"])
         if r in cut:
-            frames = perturb_frames(np.asarray(sources[r["id"]]["speech_units"]), spec, rng)
-            assert sf.info(os.path.join(base, r["audios"][0])).frames == frames.size * hop
+            units = np.asarray(sources[r["id"]]["speech_units"])
+            frames = perturb_frames(units, spec, rng)
+            starts, ends = unit_spans(units.size, hop)
+            assert sf.info(os.path.join(base, r["audios"][0])).frames == np.sum(
+                ends[frames] - starts[frames])
     return len(cut)
 
 
@@ -106,6 +109,14 @@ def test_perturbed_self_listening(trained, tmp_path):
     perturb = {"share": 0.5, "drop_run": 0.2, "shorten": 0.3, "lengthen": 0.2}
     path = cli.write_self_asr(str(tmp_path), c.speech_units.dir, recipe.SELF_ASR, perturb)
     assert _check_self_asr(train, path, c.speech_units.dir, perturb) > 0
+    stamp = os.path.getmtime(path)
+    assert cli.write_self_asr(str(tmp_path), c.speech_units.dir, recipe.SELF_ASR,
+                              perturb) == path and os.path.getmtime(path) == stamp  # reused
+    off = {**perturb, "share": 0.0}  # other settings: written again
+    cli.write_self_asr(str(tmp_path), c.speech_units.dir, recipe.SELF_ASR, off)
+    assert _check_self_asr(train, path, c.speech_units.dir, off) == 0
+    with pytest.raises(ValueError, match="unknown keys"):
+        cli.write_self_asr(str(tmp_path), c.speech_units.dir, recipe.SELF_ASR, {"drop": 0.1})
 
 
 def test_every_stage_trains_and_its_loss_falls(trained):

@@ -16,6 +16,7 @@ finished data, tokenizer, stages and evaluations are reused (--reeval recomputes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ TOWER_TASKS = {"image_tower": ("image_qa", "tower_image_accuracy"),
 METRICS = ("tower_image_accuracy", "image_qa_accuracy", "tower_asr_wer", "asr_wer",
            "spoken_image_qa_accuracy", "video_qa_accuracy", "video_spoken_qa_accuracy",
            "speech_roundtrip_wer", "dpo_preference_accuracy", "expressive_style_accuracy")
+SELF_ASR_FORMAT = 2  # write_self_asr's layout: 2 = one wav name per record id
 SELF_ASR_PROMPT = "Transcribe the audio."  # eval.tasks.ASR_PROMPT: the round trip's question
 # --quick: the small omni_digits config and this share of the recipe's steps
 QUICK_STEPS = 0.15
@@ -113,7 +115,8 @@ def write_self_asr(train_dir: str, units_dir: str, name: str,
     hears its own expressive voice. perturb {share, drop_run, shorten, lengthen}: that share of
     the records (drawn per record id) hear a perturbed copy of their units instead
     (speech.augment: a generator's units are a reduced copy of the references), cut from the
-    exact vocoding."""
+    exact vocoding. A manifest already there is kept only when its stamp (the layout and the
+    perturb settings) matches."""
     import zlib
 
     import numpy as np
@@ -124,13 +127,23 @@ def write_self_asr(train_dir: str, units_dir: str, name: str,
     from omni_jax.speech.vocoder import MelTableVocoder
 
     path = os.path.join(train_dir, f"{name}.jsonl")
-    if os.path.isfile(path):
-        return path
     perturb = dict(perturb or {})
+    unknown = set(perturb) - {"share", "drop_run", "shorten", "lengthen"}
+    if unknown:
+        raise ValueError(f"self-listening perturb: unknown keys {sorted(unknown)}; expected "
+                         f"share, drop_run, shorten, lengthen")
     share = float(perturb.pop("share", 0.0))
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"self-listening perturb: share must be in [0, 1], got {share}")
     spec = UnitPerturb(**perturb)
+    # what the manifest was written with: one from older code (colliding wav names) or other
+    # perturb settings is written again
+    stamp = {"format": SELF_ASR_FORMAT, "share": share, **dataclasses.asdict(spec)}
+    stamp_path = path[:-len(".jsonl")] + ".stamp.json"
+    if os.path.isfile(path) and os.path.isfile(stamp_path):
+        with open(stamp_path) as f:
+            if json.load(f) == stamp:
+                return path
     vocoder = MelTableVocoder.load(units_dir)
     os.makedirs(os.path.join(train_dir, "audio_self"), exist_ok=True)
     out, voiced = [], {}  # units -> their wav: one per distinct rendering (answers repeat)
@@ -163,6 +176,8 @@ def write_self_asr(train_dir: str, units_dir: str, name: str,
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in out)
     os.replace(path + ".tmp", path)
+    with open(stamp_path, "w") as f:
+        json.dump(stamp, f)
     return path
 
 
