@@ -206,19 +206,22 @@ def test_dpo_padding_rows_do_not_count():
 
 
 def test_dpo_pairs_with_an_infeasible_side_do_not_count():
-    """A chosen rendering its frames cannot hold has l(y) = 0 (zero_infinity) under policy and
-    reference alike: its pair would only push the rejected side down. It counts as a padding
-    row does: not at all."""
+    """A rendering its frames cannot hold has l(y) = 0 (zero_infinity) under policy and
+    reference alike: its pair's margin is no preference (an infeasible chosen side would only
+    push the rejected one down, an infeasible rejected side only the chosen one up). Such a
+    pair counts as a padding row does: not at all. Chosen side broken in some rows, rejected
+    in others."""
     trainer = dpo_run()["trainer"]
     params = perturbed(SpeechLM(CFG, dpo_reference=True).prepare_params(pretrained()))
     batch = dpo_batch(HELD_OUT[:16], seed=11)
     width = batch["speech_units"].shape[1]
     frames = CFG.upsample * batch["speech_text_mask"].sum(1)  # >= the units' count here
     bad = np.flatnonzero(frames < 2 * width - 1)[:4]  # rows a run of `width` equal units breaks
-    assert bad.size >= 1
+    assert bad.size >= 2
     broken = {k: v.copy() for k, v in batch.items()}
-    broken["speech_units"][bad] = broken["speech_units"][bad, :1]  # one unit, width times
-    broken["speech_unit_mask"][bad] = 1
+    for rows, sfx in ((bad[::2], ""), (bad[1::2], "_rejected")):
+        broken["speech_units" + sfx][rows] = broken["speech_units" + sfx][rows, :1]  # one unit
+        broken["speech_unit_mask" + sfx][rows] = 1  # ... `width` times
     m = trainer.eval_step(params, trainer.shard(broken))
     keep = np.setdiff1d(np.arange(16), bad)
     assert int(m["dpo/pairs"]) == keep.size
