@@ -50,11 +50,12 @@ SELF_ASR = "speech_self_asr"  # the CLI's self-listening manifest (module doc)
 # copy of the references). Off: in full demos (the self-listening ids already fixed, below),
 # drop 0.3 / shorten 0.3 / lengthen 0.1 at 0.5 taught the listener that cut audio is a sentence
 # (round trip after speech_gen 36.9%, "six" heard "It is a six."); shorten 0.3 / lengthen 0.2
-# (durations only) heard 99.0% of jittered one-word test references (80.2% before), but the
-# generator's own errors stayed and video QA / spoken image QA were 65.1 / 87.7% (off: 65.1 /
-# 91.6%). Before the fix the speech_response and speech_dpo records' self-listening wavs
-# shared names: 26 of 243 were heard with another record's answer, and that listener heard
-# 67.5% of the exact sentence references right (now 100%)
+# (durations only; cut_wav before it centred each unit) heard 99.0% of jittered one-word test
+# references (80.2% before), but the generator's own errors stayed and video QA / spoken image
+# QA were 65.1 / 87.7% (off: 65.1 / 91.6%). Before the fix the speech_response and speech_dpo
+# records' self-listening wavs shared names: 26 of 243 were heard with another record's
+# answer, and that listener heard 67.5% of the exact sentence references right (this
+# recipe's: 98.8%)
 SELF_ASR_PERTURB = {"share": 0.0, "drop_run": 0.0, "shorten": 0.3, "lengthen": 0.2}
 # static padded lengths of a spoken answer: text tokens (<= 9 with the demo tokenizer), units
 # (25 Hz, <= 61); the generator runs UPSAMPLE x text_len frames whatever the answer's length
@@ -64,9 +65,10 @@ SPEECH_LENGTHS = {"text_len": 12, "units_len": 64}
 # 76 / 53 tokens, media expanded (a video: 5 frames x 4 tokens, FRAME_POOL)
 STEPS = {"image_tower": 300, "image_text": 450, "audio_tower": 600, "speech": 450,
          "video": 450, "speech_gen": 500, "speech_dpo": 80}
-# speech_gen 400 -> 500 / 600 steps (one video checkpoint, full data): CTC loss 1.02 -> 0.50 /
-# 0.39, round trip after speech_gen 6.7 -> 3.9 / 6.7% and after DPO (DPO_LR) 3.9 / 4.5%; 600
-# took the full demo to 1201 s. At 400 the errors were onsets ("six" begun with "yes"'s unit)
+# speech_gen steps, from this recipe's video checkpoint: 500 / 600 steps: CTC loss 0.50 / 0.39,
+# round trip after speech_gen 3.9 / 6.7% and after DPO (DPO_LR) 3.9 / 4.5%; 600 took the full
+# demo to 1201 s. From one with the duration-perturbed listener (SELF_ASR_PERTURB's note): 400
+# steps loss 1.02, round trip 11.7% (onsets: "six" begun with "yes"'s unit); 600: 0.39, 0.0%
 # CTC frames per answer token (OpenOmni: 12). A one-word answer ("two", one demo token) needs
 # 15-19 frames (its units + adjacent repeats; omni_digits 1.3.0 train split, median / max),
 # sentences 5-9 per token: at 12, 96% of short answers were infeasible (zeroed in training,
@@ -127,7 +129,8 @@ TOWER_LR = 3e-3
 DPO_CTC = 3.0
 # DPO's learning rate (the recipe's LR). Slower DPO leaves the generator between the neutral
 # and the expressive voice, with onsets of neither ("no" said with "one"'s first unit). From one
-# 600-step speech_gen checkpoint (round trip 0.0%), round trip / preference / style after DPO:
+# 600-step speech_gen checkpoint (round trip 0.0%; its listener duration-perturbed,
+# SELF_ASR_PERTURB's note), round trip / preference / style after DPO:
 # 2.5e-4 54.7 / 45.6 / 71.1; 5e-4 21.8 / 81.1 / 78.9 (beta 0.5 21.8 / 77.8 / 82.2, CTC x10
 # 21.8 / 77.8 / 78.9, 30 steps 46.4 / 1.1 / 31.1, one expressive style 26.8 / 82.2 / 35.6);
 # 1e-3 11.7 / 93.3 / 82.2; 2e-3 6.7 / 100 / 76.7. From a 400-step one at 2e-3: 11.7 / 100 / 32.2
@@ -152,8 +155,8 @@ FRAME_POOL = 2
 # demo (commit 20af431, the video tower's frame_embed on) video QA 72.9 -> 74.0% (order
 # 77 -> 81%, last 84 -> 86%, the earlier stages identical), ASR 2.9 -> 3.6%, but speech_dpo,
 # started from the changed generator, voiced 40 of 179 one-word answers as "It is a": round
-# trip 10.6 -> 64.2% (bar 15%). That was the listener's label noise (SELF_ASR_PERTURB's note)
-# and the slow DPO (DPO_LR), both since mended; frame_embed was not measured again
+# trip 10.6 -> 64.2% (bar 15%). Likely the listener's label noise (SELF_ASR_PERTURB's note) and
+# the slow DPO (DPO_LR), both since mended; frame_embed was not measured again
 FRAME_EMBED = False
 # audio_ctc's static caps per row: audio tokens (one 3 s clip: 30) and transcript tokens
 AUDIO_CTC = {"max_frames": 32, "max_labels": 16}
