@@ -128,10 +128,11 @@ def write_self_asr(train_dir: str, units_dir: str, name: str,
 
     path = os.path.join(train_dir, f"{name}.jsonl")
     perturb = dict(perturb or {})
-    unknown = set(perturb) - {"share", "drop_run", "shorten", "lengthen"}
+    known = ["share", *(f.name for f in dataclasses.fields(UnitPerturb))]
+    unknown = set(perturb) - set(known)
     if unknown:
         raise ValueError(f"self-listening perturb: unknown keys {sorted(unknown)}; expected "
-                         f"share, drop_run, shorten, lengthen")
+                         f"{', '.join(known)}")
     share = float(perturb.pop("share", 0.0))
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"self-listening perturb: share must be in [0, 1], got {share}")
