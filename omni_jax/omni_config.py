@@ -37,7 +37,7 @@ from omni_jax.config_base import check_keys
 from omni_jax.llm.config import LLMConfig
 
 MODALITIES = ("image", "video", "audio")
-SHORT_CLIPS = ("repeat", "pad")  # TowerConfig.short_clips
+SHORT_CLIPS = ("repeat", "pad", "pad_front")  # TowerConfig.short_clips
 MODALITY_CODE = {"text": 0, "image": 1, "video": 2, "audio": 3}  # as in data.template
 # encoder name -> (module, config class, module class, modalities it can serve)
 ENCODERS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
@@ -94,8 +94,9 @@ class TowerConfig:
     # high-res canvas. None: one view per image at image_size
     lowres_size: tuple[int, int] | None = None
     # video towers: a clip with fewer than num_frames frames has its frames "repeat"ed by the
-    # uniform sampling rule (data.features.video.sample_indices), or is "pad"ded at the end with
-    # blank frames (zero pixels after normalisation), so how many frames it had stays visible
+    # uniform sampling rule (data.features.video.sample_indices), or is "pad"ded with blank
+    # frames (zero pixels after normalisation) at the end, or before it ("pad_front": its last
+    # frame stays in the last slot), so how many frames it had stays visible
     short_clips: str = "repeat"
     # video towers: each frame's adapter tokens average-pooled over k x k blocks of its grid
     # (LLaVA-NeXT-Video's spatial pooling of frames, avg mode); 1 = off. Needs an adapter whose

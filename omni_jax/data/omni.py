@@ -180,8 +180,9 @@ class OmniEncoder:
             pixels = ifeat.ola_frames(list(frames), self.image_cfg, t.image_size)
         else:
             pixels = self._pixels(list(frames), t.image_size[0])  # [T', S, S, 3]
-        blank = t.num_frames - pixels.shape[0]  # short_clips="pad": blank frames after the clip
-        return np.pad(pixels, ((0, blank), (0, 0), (0, 0), (0, 0))) if blank else pixels
+        blank = t.num_frames - pixels.shape[0]  # short_clips "pad" / "pad_front": blank frames
+        before = blank if t.short_clips == "pad_front" else 0  # after / before the clip
+        return np.pad(pixels, ((before, blank - before), (0, 0), (0, 0), (0, 0)))
 
     def views(self, rgb: np.ndarray) -> np.ndarray:
         """Tiling image tower: one image -> its tiles (best grid of up to max_tiles) then the

@@ -1,5 +1,5 @@
 """TowerConfig.short_clips: a clip shorter than num_frames repeated (uniform rule) or padded
-with blank frames, so how many frames it had stays visible to the model."""
+with blank frames after it or before it, so how many frames it had stays visible to the model."""
 
 import io
 
@@ -53,8 +53,21 @@ def test_pad_keeps_each_frame_once_then_blank_frames():
                                   OmniEncoder(_config("repeat"), None)._video(long))
 
 
+def test_pad_front_puts_the_blank_frames_before_the_clip():
+    frames = [_png(v) for v in (10, 120, 250)]
+    pad = OmniEncoder(_config("pad"), None)._video(frames)
+    front = OmniEncoder(_config("pad_front"), None)._video(frames)
+    assert front.shape == (5, 16, 16, 3)
+    assert not np.any(front[:2])  # blank slots first
+    np.testing.assert_array_equal(front[2:], pad[:3])  # then the clip, its last frame last
+    long = [_png(v) for v in range(0, 250, 25)]  # no padding: as "pad"
+    np.testing.assert_array_equal(OmniEncoder(_config("pad_front"), None)._video(long),
+                                  OmniEncoder(_config("pad"), None)._video(long))
+
+
 def test_short_clips_validated():
     with pytest.raises(ValueError, match="short_clips must be one of"):
         _config("loop")
-    with pytest.raises(ValueError, match="short_clips must be one of"):
-        TowerConfig("image", "siglip", "mlp", short_clips="pad")
+    for mode in ("pad", "pad_front"):
+        with pytest.raises(ValueError, match="short_clips must be one of"):
+            TowerConfig("image", "siglip", "mlp", short_clips=mode)
