@@ -181,7 +181,9 @@ class OmniEncoder:
         else:
             pixels = self._pixels(list(frames), t.image_size[0])  # [T', S, S, 3]
         blank = t.num_frames - pixels.shape[0]  # short_clips "pad" / "pad_front": blank frames
-        before = blank if t.short_clips == "pad_front" else 0  # after / before the clip
+        if not blank:  # after / before the clip
+            return pixels
+        before = blank if t.short_clips == "pad_front" else 0
         return np.pad(pixels, ((before, blank - before), (0, 0), (0, 0), (0, 0)))
 
     def views(self, rgb: np.ndarray) -> np.ndarray:
