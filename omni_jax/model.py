@@ -67,6 +67,16 @@ def tokens_per_item(config: OmniConfig, modality: str) -> int:
     return t.num_frames * adapter.num_tokens(*grid) // t.frame_pool ** 2
 
 
+def drops_blank_frames(config: OmniConfig) -> bool:
+    """Whether a short clip's blank frames stay out of the LLM's sequence (short_clips="drop")."""
+    return config.video is not None and config.video.short_clips == "drop"
+
+
+def frame_tokens(config: OmniConfig) -> int:
+    """Embeddings one video frame becomes (a per-frame video adapter: no ola_lgap)."""
+    return tokens_per_item(config, "video") // config.video.num_frames
+
+
 def uses_audio_wave(config: OmniConfig) -> bool:
     """Whether audio items come with chunk waveforms (`audio_wave`): a chunked tower with BEATs."""
     t = config.audio
@@ -151,9 +161,16 @@ def check_batch(config: OmniConfig, batch: Mapping[str, Any]) -> None:
             raise ValueError(f"batch has {m} inputs but the model has no {m} tower")
         per = tokens_per_item(config, m)
         n = np.shape(items)[0]
-        if count % per or count > n * per:
+        # short_clips="drop": a clip brings its own frames' tokens only (media_index maps them)
+        unit = frame_tokens(config) if m == "video" and drops_blank_frames(config) else per
+        if count % unit or count > n * per:
             raise ValueError(f"batch has {count} {m} placeholder positions, which is not a whole "
-                             f"number of items of {per} tokens within the {n} {m} items given")
+                             f"number of {'frames' if unit < per else 'items'} of {unit} tokens "
+                             f"within the {n} {m} items of {per} tokens given")
+        if unit < per and count and batch.get("media_index") is None:
+            raise ValueError("video short_clips='drop' gives clips a variable number of tokens: "
+                             "the batch needs the media_index the data pipeline (or "
+                             "infer.omni.collate_prompts) gives it")
         if batch.get("media_index") is not None and count:
             rows = np.asarray(batch["media_index"])[np.asarray(modality) == MODALITY_CODE[m]]
             if rows.min() < 0 or rows.max() >= n * per:

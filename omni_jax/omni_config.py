@@ -37,7 +37,7 @@ from omni_jax.config_base import check_keys
 from omni_jax.llm.config import LLMConfig
 
 MODALITIES = ("image", "video", "audio")
-SHORT_CLIPS = ("repeat", "pad", "pad_front")  # TowerConfig.short_clips
+SHORT_CLIPS = ("repeat", "pad", "pad_front", "drop")  # TowerConfig.short_clips
 MODALITY_CODE = {"text": 0, "image": 1, "video": 2, "audio": 3}  # as in data.template
 # encoder name -> (module, config class, module class, modalities it can serve)
 ENCODERS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
@@ -96,7 +96,10 @@ class TowerConfig:
     # video towers: a clip with fewer than num_frames frames has its frames "repeat"ed by the
     # uniform sampling rule (data.features.video.sample_indices), or is "pad"ded with blank
     # frames (zero pixels after normalisation) at the end, or before it ("pad_front": its last
-    # frame stays in the last slot), so how many frames it had stays visible
+    # frame stays in the last slot), so how many frames it had stays visible; or "drop": padded
+    # after the clip for the tower (static shape) but only its own frames' tokens enter the
+    # LLM's sequence (a variable number of video tokens per clip; the batch's media_index
+    # maps them). "drop" needs per-frame tokens (not ola_lgap, which pools the frames itself)
     short_clips: str = "repeat"
     # video towers: each frame's adapter tokens average-pooled over k x k blocks of its grid
     # (LLaVA-NeXT-Video's spatial pooling of frames, avg mode); 1 = off. Needs an adapter whose
@@ -248,6 +251,11 @@ class OmniConfig:
                 adapter_classes(self.video.adapter)[1], "video"):
             raise ValueError(f"video tower: frame_embed needs an adapter that embeds each frame "
                              f"on its own; {self.video.adapter!r} pools the frames itself")
+        if self.video is not None and self.video.short_clips == "drop" and hasattr(
+                adapter_classes(self.video.adapter)[1], "video"):
+            raise ValueError(f"video tower: short_clips='drop' needs an adapter that embeds each "
+                             f"frame on its own; {self.video.adapter!r} pools the frames itself "
+                             f"(use 'pad')")
         if self.highway is not None and self.image is None and self.video is None:
             raise ValueError("the visual highway needs an image or video tower")
         if self.speech is not None:

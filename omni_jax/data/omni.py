@@ -39,6 +39,8 @@ from omni_jax.encoders.audio_path import chunk_waveform
 from omni_jax.model import (
     AUDIO_WAVE,
     IMAGE_LOWRES,
+    drops_blank_frames,
+    frame_tokens,
     media_shapes,
     tokens_per_item,
     uses_audio_wave,
@@ -46,6 +48,9 @@ from omni_jax.model import (
 from omni_jax.omni_config import CHUNKED_ENCODERS, MODALITIES, OmniConfig
 
 RECORD_KEYS = {"image": "images", "video": "videos", "audio": "audios"}
+# OmniEncoder.media's frames per clip of a short_clips="drop" video tower ([n] int32): it sets
+# each clip's placeholder count (token_counts) and is not a batch array
+VIDEO_FRAMES = "video_frames"
 
 
 def _refs(record: Mapping[str, Any], modality: str) -> list[Any]:
@@ -165,6 +170,11 @@ class OmniEncoder:
         return ifeat.to_rgb(ifeat.decode_image(read_media(ref)), self.image_cfg.strict_channels)
 
     def _video(self, ref: Any) -> np.ndarray:
+        """One clip -> [num_frames, S, S, 3] pixels (a short clip per short_clips)."""
+        return self._clip(ref)[0]
+
+    def _clip(self, ref: Any) -> tuple[np.ndarray, int]:
+        """One clip -> (its pixels, as _video; how many of them are the clip's own frames)."""
         t = self.config.video
         repeat = t.short_clips == "repeat"
         if isinstance(ref, list | tuple):  # a list of frame images
@@ -180,11 +190,12 @@ class OmniEncoder:
             pixels = ifeat.ola_frames(list(frames), self.image_cfg, t.image_size)
         else:
             pixels = self._pixels(list(frames), t.image_size[0])  # [T', S, S, 3]
-        blank = t.num_frames - pixels.shape[0]  # short_clips "pad" / "pad_front": blank frames
+        own = pixels.shape[0]
+        blank = t.num_frames - own  # short_clips "pad" / "drop" / "pad_front": blank frames
         if not blank:  # after / before the clip
-            return pixels
+            return pixels, own
         before = blank if t.short_clips == "pad_front" else 0
-        return np.pad(pixels, ((before, blank - before), (0, 0), (0, 0), (0, 0)))
+        return np.pad(pixels, ((before, blank - before), (0, 0), (0, 0), (0, 0))), own
 
     def views(self, rgb: np.ndarray) -> np.ndarray:
         """Tiling image tower: one image -> its tiles (best grid of up to max_tiles) then the
@@ -259,7 +270,10 @@ class OmniEncoder:
             out[m] = self._pixels([self._image(r) for r in refs],
                                   self.config.image.image_size[0])
         elif m == "video":
-            out[m] = np.stack([self._video(r) for r in refs])
+            clips = [self._clip(r) for r in refs]
+            out[m] = np.stack([pixels for pixels, _ in clips])
+            if drops_blank_frames(self.config):
+                out[VIDEO_FRAMES] = np.asarray([own for _, own in clips], np.int32)
         else:
             waves = [afeat.decode_audio(read_media(r), self.audio_cfg) for r in refs]
             if self.config.audio.encoder not in CHUNKED_ENCODERS:
@@ -271,11 +285,20 @@ class OmniEncoder:
                 out[AUDIO_WAVE] = np.stack(chunks)
         return out
 
+    def token_counts(self, media: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+        """Placeholder tokens per item of each modality in `media` (self.media's output): the
+        tower's count, a short_clips="drop" clip its own frames' tokens only."""
+        counts = {m: [self.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
+        if VIDEO_FRAMES in media:
+            counts["video"] = [int(k) * frame_tokens(self.config) for k in media[VIDEO_FRAMES]]
+        return counts
+
     def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if "messages" not in record:
             raise ValueError(f"record has no 'messages'; keys: {sorted(record)}")
         media = self.media(record)
-        counts = {m: [self.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
+        counts = self.token_counts(media)
+        media.pop(VIDEO_FRAMES, None)
         views = self.image_views(record) if self.gen is not None else None
         example = self.template.encode(self.messages(record, views), media_token_counts=counts)
         out = {**example.to_dict(), **media}
@@ -308,9 +331,10 @@ class OmniEncoder:
 
 def media_spec(config: OmniConfig, max_items: Mapping[str, int],
                audio: AudioConfig | None = None) -> dict[str, dict[str, Any]]:
-    """DataConfig.media for this model: {key: {"max_items", "shape"}} per batch media key
-    (model.media_shapes); max_items gives the per-batch item budget of each modality (missing
-    ones default to 1; audio_wave shares the audio budget, image_lowres the image one).
+    """DataConfig.media for this model: {key: {"max_items", "shape"(, "tokens")}} per batch
+    media key (model.media_shapes; tokens: an item's embeddings, image / video / audio);
+    max_items gives the per-batch item budget of each modality (missing ones default to 1;
+    audio_wave shares the audio budget, image_lowres the image one).
     `audio` sets n_mels of a plain Whisper tower (a chunked tower takes its own encoder's)."""
     shapes = media_shapes(config)
     if config.audio is not None and config.audio.encoder not in CHUNKED_ENCODERS:
@@ -322,5 +346,6 @@ def media_spec(config: OmniConfig, max_items: Mapping[str, int],
     budget = dict(max_items)
     budget.setdefault(AUDIO_WAVE, budget.get("audio", 1))
     budget.setdefault(IMAGE_LOWRES, budget.get("image", 1))
-    return {m: {"max_items": int(budget.get(m, 1)), "shape": list(s)}
+    return {m: {"max_items": int(budget.get(m, 1)), "shape": list(s),
+                **({"tokens": tokens_per_item(config, m)} if m in MODALITIES else {})}
             for m, s in shapes.items()}

@@ -22,7 +22,9 @@ With a media spec and per-token "modality"/"item_index" arrays, the batch also g
 "media_index" [batch, seq]: for each placeholder token, its row in that modality's flattened
 [items * tokens_per_item] embeddings, offset by process_index * max_items items (on multi-host
 the global media arrays are the processes' local ones concatenated in process order); -1 on
-text and padding.
+text and padding. An item may bring fewer placeholders than tokens_per_item (a short clip
+of a short_clips="drop" video tower): with the spec's tokens per item, its k-th placeholder
+takes row (item * tokens + k), the rest of the item's rows unused.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from omni_jax.data.speech import SPEECH_KEYS, collate_speech
 REQUIRED_KEYS = ("input_ids", "loss_mask")
 MEDIA_KEYS = ("image", "video", "audio", "audio_wave", "image_lowres")
 MEDIA_CODES = {"image": 1, "video": 2, "audio": 3}  # data.template's per-token modality ids
-MediaSpec = Mapping[str, tuple[int, tuple[int, ...]]]  # key -> (max_items, item shape)
+# key -> (max_items, item shape) or (max_items, item shape, tokens per item)
+MediaSpec = Mapping[str, tuple[Any, ...]]
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -95,10 +98,12 @@ def _batch_keys(examples: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
     return keys + ["segment_ids", "positions"]
 
 
-def media_index(example: Mapping[str, np.ndarray], first_item: Mapping[str, int]) -> np.ndarray:
+def media_index(example: Mapping[str, np.ndarray], first_item: Mapping[str, int],
+                tokens: Mapping[str, int] | None = None) -> np.ndarray:
     """[n] flat embedding row of each placeholder token (see module docstring), -1 elsewhere.
 
-    first_item: the batch-wide item row where this example's first item of each modality sits.
+    first_item: the batch-wide item row where this example's first item of each modality sits;
+    tokens: embeddings per item of a modality (None / absent: every item has the same count).
     """
     out = np.full(example["input_ids"].shape, -1, np.int32)
     modality, item = example["modality"], example["item_index"]
@@ -106,12 +111,19 @@ def media_index(example: Mapping[str, np.ndarray], first_item: Mapping[str, int]
         is_m = modality == code
         if not is_m.any():
             continue
-        per = np.bincount(item[is_m])  # tokens per item (contiguous runs)
-        if (per != per[0]).any():
+        items = item[is_m]  # items are numbered in order of appearance, contiguous runs
+        per = np.bincount(items)  # placeholders per item
+        full = (tokens or {}).get(key)
+        if full is None and (per != per[0]).any():
             raise ValueError(f"{key} items have different token counts {per.tolist()}")
-        # items are numbered in order of appearance, so the k-th placeholder of this modality
-        # in the example is row k of the example's items (item * per + rank within the item)
-        out[is_m] = first_item.get(key, 0) * per[0] + np.arange(int(is_m.sum()))
+        if full is not None and per.max() > full:
+            raise ValueError(f"a {key} item has {per.max()} placeholders but an item gives "
+                             f"{full} embeddings")
+        full = int(per[0] if full is None else full)
+        # the k-th placeholder of an item takes row (item * full + k) of the batch's items
+        starts = np.concatenate([[0], np.cumsum(per)[:-1]])
+        rank = np.arange(items.size) - starts[items]
+        out[is_m] = (first_item.get(key, 0) + items) * full + rank
     return out
 
 
@@ -125,9 +137,10 @@ def _add_media(out: dict[str, np.ndarray], placed: Sequence[tuple[int, int, Mapp
         return
     index = np.full(out["input_ids"].shape, -1, np.int32)
     first = {key: process_index * media[key][0] for key in MEDIA_CODES if key in media}
+    tokens = {key: media[key][2] for key in first if len(media[key]) > 2}
     for r, start, ex in placed:
         n = example_length(ex)
-        index[r, start:start + n] = media_index(ex, first)
+        index[r, start:start + n] = media_index(ex, first, tokens)
         for key in first:
             first[key] += len(ex[key]) if key in ex else 0
     out["media_index"] = index
@@ -145,7 +158,7 @@ def collate_media(examples: Sequence[Mapping[str, np.ndarray]],
             raise ValueError(f"examples carry {extra} arrays but the data config's media spec "
                              f"only has {sorted(media)}; set DataConfig.media")
     out = {}
-    for key, (cap, shape) in media.items():
+    for key, (cap, shape, *_) in media.items():
         items = [ex[key] for ex in examples if key in ex and len(ex[key])]
         arr = np.zeros((cap, *shape), np.float32)
         n = sum(len(x) for x in items)

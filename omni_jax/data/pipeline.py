@@ -95,7 +95,8 @@ class DataConfig(StrictConfig):
     pad_values: Mapping[str, int] = dataclasses.field(  # padding of extra per-token keys
         default_factory=lambda: {"item_index": -1})
     drop_remainder: bool = False  # drop a final partial batch (else pad it to full shape)
-    # media arrays per batch: {"image": {"max_items": 8, "shape": [H, W, 3]}, ...} (omni data)
+    # media arrays per batch: {"image": {"max_items": 8, "shape": [H, W, 3]}, ...} (omni data;
+    # optional "tokens": embeddings per item, for items with fewer placeholders: packing)
     media: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # speech-out targets (data.speech): {"text_len": S, "units_len": U} static padded lengths
     speech: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -119,11 +120,14 @@ class DataConfig(StrictConfig):
         spec = {}
         for key, v in dict(self.media).items():
             v = dict(v)
-            if key not in packing.MEDIA_KEYS or sorted(v) != ["max_items", "shape"] or \
-                    int(v["max_items"]) <= 0:
+            if key not in packing.MEDIA_KEYS or sorted(set(v) - {"tokens"}) != [
+                    "max_items", "shape"] or int(v["max_items"]) <= 0 or (
+                    "tokens" in v and (key not in packing.MEDIA_CODES or int(v["tokens"]) <= 0)):
                 raise ValueError(f"DataConfig.media[{key!r}] must be {{max_items: > 0, shape: "
-                                 f"[...]}} with key in {packing.MEDIA_KEYS}, got {v}")
-            spec[key] = (int(v["max_items"]), tuple(int(s) for s in v["shape"]))
+                                 f"[...](, tokens: > 0 for {tuple(packing.MEDIA_CODES)})}} with "
+                                 f"key in {packing.MEDIA_KEYS}, got {v}")
+            spec[key] = (int(v["max_items"]), tuple(int(s) for s in v["shape"]),
+                         *([int(v["tokens"])] if "tokens" in v else []))
         object.__setattr__(self, "media", spec)
         object.__setattr__(self, "speech", check_speech_spec(self.speech))
         object.__setattr__(self, "gen_image", check_gen_spec(self.gen_image))

@@ -46,7 +46,8 @@ def _round_up(n: int, step: int = PAD_TO) -> int:
 
 
 def _left_pad(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[str, Any]:
-    """Left-pad input_ids / modality / segment_ids of a prompt batch to `width` tokens."""
+    """Left-pad input_ids / modality / segment_ids (/ media_index) of a prompt batch to
+    `width` tokens."""
     out = dict(batch)
     n = batch["input_ids"].shape[1]
     seg = batch.get("segment_ids")
@@ -55,6 +56,8 @@ def _left_pad(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[
     out["input_ids"] = np.pad(batch["input_ids"], pad, constant_values=pad_id)
     out["modality"] = np.pad(batch["modality"], pad)
     out["segment_ids"] = np.pad(seg, pad).astype(np.int32)
+    if batch.get("media_index") is not None:
+        out["media_index"] = np.pad(batch["media_index"], pad, constant_values=-1)
     return out
 
 
@@ -160,7 +163,7 @@ class Evaluator:
 
         out: list[str] = []
         for chunk, rows in self._batches(prepared):
-            batch = collate_prompts([p.batch for p in rows], self.tok.pad_id)
+            batch = collate_prompts([p.batch for p in rows], self.tok.pad_id, self.encoder.counts)
             batch = _left_pad(batch, _round_up(batch["input_ids"].shape[1]), self.tok.pad_id)
             new = max(self.budget(p.reference) for p in chunk)
             ids = np.asarray(generate_omni(

@@ -23,7 +23,7 @@ import numpy as np
 from omni_jax.infer.generate import SamplingConfig, sample_logits
 from omni_jax.layers.attention import init_cache
 from omni_jax.layers.common import parse_dtype
-from omni_jax.model import MEDIA_KEYS, OmniModel, check_batch
+from omni_jax.model import MEDIA_KEYS, MODALITY_CODE, OmniModel, check_batch
 from omni_jax.omni_config import MODALITIES
 
 PROMPT_KEYS = ("input_ids", "modality", "media_index", "segment_ids", "positions", *MEDIA_KEYS)
@@ -80,12 +80,22 @@ def prompt_from_record(encoder: Any, record: Mapping[str, Any],
             or messages[-1].get("role") != "user":
         raise ValueError("prompt_from_record: record['messages'] must be a non-empty list "
                          "ending with a user turn (the model answers it)")
+    from omni_jax.data.omni import VIDEO_FRAMES
+    from omni_jax.data.packing import media_index
+
     media = encoder.media(record) if media is None else dict(media)
-    counts = {m: [encoder.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
+    if hasattr(encoder, "token_counts"):  # a short_clips="drop" clip: its own frames' tokens
+        counts = encoder.token_counts(media)
+    else:
+        counts = {m: [encoder.counts[m]] * len(v) for m, v in media.items() if m in MODALITIES}
+    dropped = media.pop(VIDEO_FRAMES, None) is not None
     if hasattr(encoder, "messages"):  # a tiling image tower: one placeholder per view
         messages = encoder.messages({**record, "messages": messages})
     ex = encoder.template.encode(messages, media_token_counts=counts, add_generation_prompt=True)
-    return {"input_ids": ex.input_ids[None], "modality": ex.modality[None], **media}
+    out = {"input_ids": ex.input_ids[None], "modality": ex.modality[None], **media}
+    if dropped:  # clips of a variable number of tokens: each placeholder's embedding row
+        out["media_index"] = media_index(ex.to_dict(), {}, encoder.counts)[None]
+    return out
 
 
 def prompt_from_conversation(encoder: Any, conversation: Sequence[Mapping[str, Any]],
@@ -101,14 +111,19 @@ def prompt_from_conversation(encoder: Any, conversation: Sequence[Mapping[str, A
                                         **{_RECORD_MEDIA[m]: list(v) for m, v in media.items()}})
 
 
-def collate_prompts(prompts: Sequence[Mapping[str, np.ndarray]], pad_id: int
-                    ) -> dict[str, np.ndarray]:
+def collate_prompts(prompts: Sequence[Mapping[str, np.ndarray]], pad_id: int,
+                    tokens: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Batches of one prompt -> one left-padded batch (segment_ids marks tokens), media
-    arrays concatenated in row order (the order their placeholders appear)."""
+    arrays concatenated in row order (the order their placeholders appear). Prompts with a
+    media_index (a short_clips="drop" clip, prompt_from_record) need `tokens`, the embeddings
+    per item of each modality (OmniEncoder.counts): the batch then gets a media_index too."""
     if not prompts:
         raise ValueError("collate_prompts: expected at least one prompt")
+    indexed = any(p.get("media_index") is not None for p in prompts)
     width = max(p["input_ids"].shape[1] for p in prompts)
     out: dict[str, Any] = {"input_ids": [], "modality": [], "segment_ids": []}
+    if indexed:
+        out["media_index"] = _media_rows(prompts, tokens, width)
     for p in prompts:
         n = p["input_ids"].shape[1]
         pad = ((0, 0), (width - n, 0))
@@ -121,6 +136,35 @@ def collate_prompts(prompts: Sequence[Mapping[str, np.ndarray]], pad_id: int
         if items:
             batch[key] = np.concatenate(items)
     return batch
+
+
+def _media_rows(prompts: Sequence[Mapping[str, np.ndarray]], tokens: Mapping[str, int] | None,
+                width: int) -> list[np.ndarray]:
+    """Each prompt's media_index [1, width] (left-padded with -1) in the collated batch: its own
+    rows (a prompt without one: its k-th placeholder of a modality takes row k) offset by the
+    items of the rows before it."""
+    used = [m for m in MODALITIES if any(p.get(m) is not None for p in prompts)]
+    missing = [m for m in used if not tokens or m not in tokens]
+    if missing:
+        raise ValueError(f"collate_prompts: prompts with a media_index need tokens per item of "
+                         f"{missing} (OmniEncoder.counts)")
+    first = dict.fromkeys(used, 0)
+    rows = []
+    for p in prompts:
+        modality = np.asarray(p["modality"])
+        own = p.get("media_index")
+        if own is None:
+            own = np.full(modality.shape, -1, np.int64)
+            for m in used:
+                is_m = modality == MODALITY_CODE[m]
+                own[is_m] = np.arange(int(is_m.sum()))
+        own = np.asarray(own).copy()
+        for m in used:
+            is_m = modality == MODALITY_CODE[m]
+            own[is_m] += first[m] * int(tokens[m])
+            first[m] += 0 if p.get(m) is None else len(p[m])
+        rows.append(np.pad(own, ((0, 0), (width - own.shape[1], 0)), constant_values=-1))
+    return rows
 
 
 # ---- validation ---------------------------------------------------------------------------

@@ -380,6 +380,9 @@ def speak_sentences(model: OmniModel, variables: Any, batch: Mapping[str, Any],
             "modality": jnp.pad(dev["modality"], ((0, 0), (0, len(answer)))),
             "segment_ids": jnp.pad(dev["segment_ids"], ((0, 0), (0, len(answer))),
                                    constant_values=1)}
+    if "media_index" in dev:  # the answer's tokens are text
+        full["media_index"] = jnp.pad(dev["media_index"], ((0, 0), (0, len(answer))),
+                                      constant_values=-1)
     full["positions"] = jnp.maximum(jnp.cumsum(full["segment_ids"], axis=-1) - 1, 0)
     hidden = np.asarray(_hidden(model, variables, full))[0]  # [p + answer, D]
     last = p - 1 - int(np.argmax(np.asarray(dev["segment_ids"])[0, ::-1]))
