@@ -298,6 +298,9 @@ def _image_out(config: ml_collections.ConfigDict, omni: OmniConfig, tok: Any, wo
         gen = np.full((1, head.gen_tokens), tok.gen_image_id, batch["input_ids"].dtype)
     batch = dict(batch, input_ids=np.concatenate([batch["input_ids"], gen], 1),
                  modality=np.concatenate([batch["modality"], np.zeros_like(gen)], 1))
+    if batch.get("media_index") is not None:  # the generation tokens are text
+        batch["media_index"] = np.pad(batch["media_index"], ((0, 0), (0, gen.shape[1])),
+                                      constant_values=-1)
     has_image = veh_row is not None
     if has_image:
         batch["veh_index"] = np.full((1,), veh_row, np.int32)

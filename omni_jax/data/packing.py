@@ -17,7 +17,7 @@ video [n, F, H, W, 3], audio [n, mels, frames] or chunked [n, chunks, mels, fram
 [n, chunks, samples] for a BEATs audio tower, image_lowres [n, h, w, 3] for Ola's two image
 views); they pass through shifting untouched, and a batch stacks them in layout order
 (row-major, left to right: the order in which the model fills placeholders), zero-padded to a
-static `media` spec {key: (max_items, item_shape)}.
+static `media` spec {key: (max_items, item_shape[, tokens per item])}.
 With a media spec and per-token "modality"/"item_index" arrays, the batch also gets
 "media_index" [batch, seq]: for each placeholder token, its row in that modality's flattened
 [items * tokens_per_item] embeddings, offset by process_index * max_items items (on multi-host

@@ -376,13 +376,10 @@ def speak_sentences(model: OmniModel, variables: Any, batch: Mapping[str, Any],
                         np.int32)
     dev, *_ = _prepare(model, variables, batch, len(answer), None, 0, GREEDY, None, None, None)
     p = ids.shape[1]
+    fill = {"modality": 0, "segment_ids": 1, "media_index": -1}  # the answer's tokens: text
     full = {**dev, "input_ids": jnp.concatenate([dev["input_ids"], answer[None]], axis=1),
-            "modality": jnp.pad(dev["modality"], ((0, 0), (0, len(answer)))),
-            "segment_ids": jnp.pad(dev["segment_ids"], ((0, 0), (0, len(answer))),
-                                   constant_values=1)}
-    if "media_index" in dev:  # the answer's tokens are text
-        full["media_index"] = jnp.pad(dev["media_index"], ((0, 0), (0, len(answer))),
-                                      constant_values=-1)
+            **{k: jnp.pad(dev[k], ((0, 0), (0, len(answer))), constant_values=v)
+               for k, v in fill.items() if k in dev}}
     full["positions"] = jnp.maximum(jnp.cumsum(full["segment_ids"], axis=-1) - 1, 0)
     hidden = np.asarray(_hidden(model, variables, full))[0]  # [p + answer, D]
     last = p - 1 - int(np.argmax(np.asarray(dev["segment_ids"])[0, ::-1]))

@@ -115,6 +115,31 @@ def test_training_batch_equals_each_clip_on_a_model_of_its_length(parts):
         np.testing.assert_allclose(logits[r, :want.shape[0]], want, rtol=1e-6, atol=1e-6)
 
 
+def test_packed_rows_and_other_hosts(parts):
+    """Clips packed into shared rows, and a second process's rows (offset by its items)."""
+    template, records, _ = parts
+    cfg = _config()
+    examples = [packing.shift_example(OmniEncoder(cfg, template)(r)) for r in records]
+    spec = DataConfig(sources={}, media=media_spec(cfg, {"video": 3})).media
+    full, per = tokens_per_item(cfg, "video"), frame_tokens(cfg)
+    for host in (0, 1):
+        packer = packing.FirstFitPacker(1, 384, 0, {"item_index": -1}, spec, host)
+        assert all(packer.add(ex) for ex in examples)
+        batch = packer.emit()
+        rows = batch["media_index"][batch["modality"] == 2]
+        want = np.concatenate([(3 * host + k) * full + np.arange(n * per)
+                               for k, n in enumerate((3, FRAMES, 4))])
+        np.testing.assert_array_equal(rows, want)
+    pad = _config("pad")  # whole items: rows as before, with or without the tokens per item
+    ex = [packing.shift_example(OmniEncoder(pad, template)(r)) for r in records]
+    spec = DataConfig(sources={}, media=media_spec(pad, {"video": 3})).media
+    with_tokens = packing.pad_batch(ex, 3, [128], 0, {"item_index": -1}, spec)
+    spec = {"video": spec["video"][:2]}
+    without = packing.pad_batch(ex, 3, [128], 0, {"item_index": -1}, spec)
+    np.testing.assert_array_equal(with_tokens["media_index"], without["media_index"])
+    assert (with_tokens["media_index"] >= 0).sum() == 3 * full
+
+
 def test_prompt_batch_equals_each_clip_alone(parts):
     template, records, params = parts
     cfg = _config()
@@ -122,7 +147,7 @@ def test_prompt_batch_equals_each_clip_alone(parts):
     text = user_record("What is the last digit?")
     prompts = [prompt_from_record(enc, {**r, "messages": r["messages"][:1]}) for r in records]
     prompts.insert(1, prompt_from_record(enc, text))  # a row with no video between
-    assert all("media_index" in p for i, p in enumerate(prompts) if i != 1)
+    assert all(("media_index" in p) == (i != 1) for i, p in enumerate(prompts))
     with pytest.raises(ValueError, match="need tokens per item"):
         collate_prompts(prompts, 0)
     batch = collate_prompts(prompts, 0, enc.counts)
@@ -149,8 +174,11 @@ def test_drop_needs_the_media_index_and_per_frame_tokens(parts):
     odd["modality"][0, np.argmax(odd["modality"][0] == 2)] = 0  # one placeholder short
     with pytest.raises(ValueError, match="whole number of frames"):
         check_batch(cfg, odd)
-    with pytest.raises(ValueError, match="pools the frames itself"):
+    with pytest.raises(ValueError, match="short_clips='drop' needs an adapter"):
         _config(adapter="ola_lgap")
+    shifted = dict(p, media_index=np.where(p["media_index"] >= 0, p["media_index"] + 4, -1))
+    with pytest.raises(ValueError, match="starts a clip inside an item"):  # a spec without tokens
+        check_batch(cfg, {**shifted, "video": np.concatenate([p["video"]] * 2)})
     ex = {"input_ids": np.zeros(6, np.int32), "modality": np.full(6, 2, np.int32),
           "item_index": np.zeros(6, np.int32)}
     with pytest.raises(ValueError, match="has 6 placeholders but an item gives 4"):
@@ -159,3 +187,23 @@ def test_drop_needs_the_media_index_and_per_frame_tokens(parts):
         DataConfig(sources={}, media={"video": {"max_items": 1, "shape": [1], "tokens": 0}})
     with pytest.raises(ValueError, match="tokens: > 0"):
         DataConfig(sources={}, media={"audio_wave": {"max_items": 1, "shape": [1], "tokens": 2}})
+
+
+def test_paper_size_drop():
+    """capybara at qwen7b with short_clips="drop": whole frames per item, the media spec's
+    tokens per item, one clip's rows at the full size (no compute)."""
+    from omni_jax.recipes.plan import model_of
+    from omni_jax.recipes.registry import load_recipe
+
+    c = load_recipe("capybara:model=qwen7b")
+    c.model.video.short_clips = "drop"
+    cfg = model_of(c).config
+    full = tokens_per_item(cfg, "video")
+    assert frame_tokens(cfg) * cfg.video.num_frames == full
+    assert media_spec(cfg, {"video": 2})["video"]["tokens"] == full
+    n = 3 * frame_tokens(cfg)  # a 3-frame clip, then a whole one
+    ex = {"input_ids": np.zeros(n + full, np.int32), "modality": np.full(n + full, 2, np.int32),
+          "item_index": np.repeat(np.int32([0, 1]), [n, full])}
+    rows = packing.media_index(ex, {"video": 2}, {"video": full})
+    np.testing.assert_array_equal(rows[:n], 2 * full + np.arange(n))
+    np.testing.assert_array_equal(rows[n:], 3 * full + np.arange(full))

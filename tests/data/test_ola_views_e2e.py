@@ -98,7 +98,7 @@ def test_a_record_becomes_a_batch_of_both_static_views(data):
         assert np.isclose(ex["image"][0, 0, 0], GRAY).all()  # padded corner (all 3 shapes)
     plan = make_plan(c, count_data=False)[0]
     media = plan.data["media"]
-    assert media["image"] == {"max_items": 3, "shape": [64, 64, 3]}
+    assert media["image"] == {"max_items": 3, "shape": [64, 64, 3], "tokens": tpi}
     assert media[IMAGE_LOWRES] == {"max_items": 3, "shape": [32, 32, 3]}  # shares the budget
     assert "image_lowres 3 x (32, 32, 3)" in format_plan(c, [plan])
     batch = next(iter(make_dataset(plan.data, encoder)))
