@@ -176,8 +176,8 @@ def check_batch(config: OmniConfig, batch: Mapping[str, Any]) -> None:
             if rows.min() < 0 or rows.max() >= n * per:
                 raise ValueError(f"media_index of {m} placeholders spans rows [{rows.min()}, "
                                  f"{rows.max()}] but the {n} {m} items give rows [0, {n * per})")
-            first = np.r_[True, rows[1:] // per != rows[:-1] // per]  # each item's first row
-            if unit < per and (rows[first] % per).any():
+            first = None if unit == per else np.r_[True, rows[1:] // per != rows[:-1] // per]
+            if first is not None and (rows[first] % per).any():  # each clip's first row
                 raise ValueError(f"media_index of {m} placeholders starts a clip inside an item "
                                  f"of {per} rows: give the data config's media spec the tokens "
                                  "per item (data.omni.media_spec)")
