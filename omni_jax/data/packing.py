@@ -135,15 +135,23 @@ def _add_media(out: dict[str, np.ndarray], placed: Sequence[tuple[int, int, Mapp
     out.update(collate_media(examples, media))
     if not media or not examples or "item_index" not in examples[0]:
         return
-    index = np.full(out["input_ids"].shape, -1, np.int32)
     first = {key: process_index * media[key][0] for key in MEDIA_CODES if key in media}
     tokens = {key: media[key][2] for key in first if len(media[key]) > 2}
+    out["media_index"] = place_media_index(out["input_ids"].shape, placed, first, tokens)
+
+
+def place_media_index(shape: tuple[int, int], placed: Sequence[tuple[int, int, Mapping]],
+                      first_item: Mapping[str, int], tokens: Mapping[str, int] | None = None
+                      ) -> np.ndarray:
+    """[rows, width] media_index of examples `placed` [(row, start, example)] in layout order
+    (their media stacked in that order from row first_item[key] of each modality), -1 elsewhere."""
+    index = np.full(shape, -1, np.int32)
+    first = {key: int(first_item.get(key, 0)) for key in MEDIA_CODES}
     for r, start, ex in placed:
-        n = example_length(ex)
-        index[r, start:start + n] = media_index(ex, first, tokens)
+        index[r, start:start + example_length(ex)] = media_index(ex, first, tokens)
         for key in first:
             first[key] += len(ex[key]) if key in ex else 0
-    out["media_index"] = index
+    return index
 
 
 def collate_media(examples: Sequence[Mapping[str, np.ndarray]],

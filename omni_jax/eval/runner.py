@@ -262,7 +262,7 @@ class Evaluator:
     def dpo_logliks(self, examples: Sequence[dict[str, np.ndarray]]
                     ) -> tuple[list[float], list[float]]:
         """Length-normalised log-likelihoods l(chosen), l(rejected) of the policy generator."""
-        from omni_jax.data.packing import media_index
+        from omni_jax.data.packing import place_media_index
         from omni_jax.data.speech import collate_speech
 
         if self._loglik is None:
@@ -276,15 +276,13 @@ class Evaluator:
             for key, fill in (("input_ids", self.tok.pad_id), ("modality", 0),
                               ("speech_rows", 0)):
                 batch[key] = np.full((b, w), fill, np.int32)
-            batch["media_index"] = np.full((b, w), -1, np.int32)  # rows as the trainer's
-            first = dict.fromkeys(MODALITIES, 0)
             for r, e in enumerate(rows):
                 n = len(e["input_ids"])
                 for key in ("input_ids", "modality", "speech_rows"):
                     batch[key][r, :n] = e[key]
                 batch["segment_ids"][r, :n] = 1
-                batch["media_index"][r, :n] = media_index(e, first, self.encoder.counts)
-                first = {m: k + len(e.get(m, ())) for m, k in first.items()}
+            batch["media_index"] = place_media_index(  # rows as the trainer's
+                (b, w), [(r, 0, e) for r, e in enumerate(rows)], {}, self.encoder.counts)
             batch["positions"] = np.broadcast_to(np.arange(w, dtype=np.int32), (b, w)).copy()
             for m in (*MODALITIES, "audio_wave", "image_lowres"):
                 if any(m in e for e in rows):
