@@ -143,6 +143,12 @@ DPO_CTC = 3.0
 # 2.5e-4 54.7 / 45.6 / 71.1; 5e-4 21.8 / 81.1 / 78.9 (beta 0.5 21.8 / 77.8 / 82.2, CTC x10
 # 21.8 / 77.8 / 78.9, 30 steps 46.4 / 1.1 / 31.1, one expressive style 26.8 / 82.2 / 35.6);
 # 1e-3 11.7 / 93.3 / 82.2; 2e-3 6.7 / 100 / 76.7. From a 400-step one at 2e-3: 11.7 / 100 / 32.2
+# The outcome swings with the generator DPO starts from, not one way with the steps: 80 / 160
+# DPO steps from the speech_gen checkpoint of the README's run (commit d68ddea) 5.0 / 25.7%
+# round trip, from that of the "drop" run (SHORT_CLIPS' note) 27.9 / 3.9% (preference 98.9-100,
+# style 32.2-74.4%). Both misses are "zero" heard as "It is a" (11 of 179); the "drop" run's
+# video-stage listener hears the test split's vocoded expressive DPO references at 2.2% WER
+# (neutral 0.0%), so the generator, not the listener, loses the word
 DPO_LR = 2e-3
 # a 3-4 frame clip: its frames once. Repeated frames (3 -> 0 0 1 1 2) make the count and order
 # questions unanswerable. "drop" (the clip's own frames' tokens only, blank frames padding the
