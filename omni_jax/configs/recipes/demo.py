@@ -148,7 +148,12 @@ DPO_CTC = 3.0
 # round trip, from that of the "drop" run (SHORT_CLIPS' note) 27.9 / 3.9% (preference 98.9-100,
 # style 32.2-74.4%). Both misses are "zero" heard as "It is a" (11 of 179); the "drop" run's
 # video-stage listener hears the test split's vocoded expressive DPO references at 2.2% WER
-# (neutral 0.0%), so the generator, not the listener, loses the word
+# (neutral 0.0%), so the generator, not the listener, loses the word. IPO in place of the
+# sigmoid loss (losses.dpo.kind "ipo", 80 steps), from the README run's / the "drop" run's
+# checkpoint: beta 0.5 (margin target 1) flipped no pair (preference 0.0 / 0.0%, round trip
+# 0.0 / 0.0%); beta 0.1 preference 28.9 / 34.4%, round trip 24.0 / 19.6%, "zero" again said
+# as "It is a" (the README run's test pairs' mean margin: -6.5 after speech_gen, +1.6 after the
+# sigmoid loss, -1.2 after IPO at 0.1)
 DPO_LR = 2e-3
 # a 3-4 frame clip: its frames once. Repeated frames (3 -> 0 0 1 1 2) make the count and order
 # questions unanswerable. "drop" (the clip's own frames' tokens only, blank frames padding the
